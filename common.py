@@ -1,0 +1,223 @@
+"""Helpers every stage shares: checked JSONL I/O, atomic writes, chat templating, log-probs.
+
+Kept small on purpose: one place for each idea that more than one stage needs.
+"""
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+# ---- errors and checked JSONL ----------------------------------------------------------------
+
+
+class InputError(ValueError):
+    """Bad input; the message names file, line and field. Stages exit non-zero with it."""
+
+
+def _fail(path, line_no, field, msg):
+    where = f"{path}:{line_no}" if line_no else str(path)
+    raise InputError(f"{where}: field {field!r}: {msg}" if field else f"{where}: {msg}")
+
+
+def _check_record(rec, path, line_no, stage, K):
+    """Check one record for `stage` in ("prompts", "responses", "ranked"); returns its K."""
+    if not isinstance(rec, dict):
+        _fail(path, line_no, None, f"expected a JSON object, got {type(rec).__name__}")
+    for field in ("id", "prompt"):
+        if field not in rec:
+            _fail(path, line_no, field, "missing")
+    if not isinstance(rec["id"], (str, int)) or isinstance(rec["id"], bool):
+        _fail(path, line_no, "id", f"expected a string or integer, got {rec['id']!r}")
+    prompt = rec["prompt"]
+    is_chat = isinstance(prompt, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in prompt)
+    if not (isinstance(prompt, str) or (is_chat and prompt)):
+        _fail(path, line_no, "prompt", "expected a string or a list of {role, content} messages")
+    if stage == "prompts":
+        return K
+    responses = rec.get("responses")
+    if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+        _fail(path, line_no, "responses", "missing or not a list of strings")
+    if len(responses) < 2:
+        _fail(path, line_no, "responses", f"need K >= 2 responses, got {len(responses)}")
+    if K is not None and len(responses) != K:
+        _fail(path, line_no, "responses", f"K mismatch: {len(responses)} responses, expected K={K}")
+    K = len(responses)
+    truncated = rec.get("truncated", [False] * K)
+    if not isinstance(truncated, list) or len(truncated) != K or not all(isinstance(t, bool) for t in truncated):
+        _fail(path, line_no, "truncated", f"expected a list of K={K} booleans")
+    if stage == "responses":
+        return K
+    P = rec.get("P")
+    if not (isinstance(P, list) and len(P) == K and all(isinstance(row, list) and len(row) == K for row in P)):
+        _fail(path, line_no, "P", f"missing or not a {K} x {K} matrix")
+    for row in P:
+        for p in row:
+            if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
+                _fail(path, line_no, "P", f"entry {p!r} is not a probability in [0, 1]")
+    win = rec.get("win_rate")
+    if not (isinstance(win, list) and len(win) == K and all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and 0.0 <= w <= 1.0 for w in win)):
+        _fail(path, line_no, "win_rate", f"missing or not a list of K={K} numbers in [0, 1]")
+    return K
+
+
+def read_records(path, stage="prompts", K=None):
+    """Read and check a stage's JSONL file: one record per prompt, ids unique.
+
+    stage: "prompts" (id, prompt), "responses" (+ responses, truncated), "ranked" (+ P, win_rate).
+    All records must share one K (or the K given). Unknown fields are kept as they are.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file not found")
+    records, seen = [], set()
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                _fail(path, line_no, None, f"malformed JSON ({e.msg} at column {e.colno})")
+            K = _check_record(rec, path, line_no, stage, K)
+            if rec["id"] in seen:
+                _fail(path, line_no, "id", f"duplicate id {rec['id']!r}")
+            seen.add(rec["id"])
+            records.append(rec)
+    if not records:
+        raise InputError(f"{path}: no records")
+    return records
+
+
+def atomic_write(path, write_fn, mode="w"):
+    """Write through `write_fn(file)` to a temporary file, then rename: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_records(path, records):
+    atomic_write(path, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=True, default=str))
+
+
+def run_info(config: dict) -> dict:
+    """What a run directory records: the full config, seeds in it, library versions, host."""
+    import tokenizers
+    import transformers
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
+    for name in ("datasets", "numpy", "vllm", "llm_blender"):
+        mod = sys.modules.get(name)
+        if mod is not None:
+            versions[name] = getattr(mod, "__version__", "?")
+    return {"config": config, "argv": sys.argv, "versions": versions, "host": platform.node(),
+            "time": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+
+
+def fail_with(e: Exception):
+    """Exit non-zero with one clear line: what scripts do with an InputError."""
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ---- model I/O and tokens ---------------------------------------------------------------------
+
+
+def load_tokenizer(model_dir):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(model_dir, dtype=torch.float32, device="cpu"):
+    """An HF causal LM from a directory or hub name; safetensors only, no remote code."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
+    return model.to(device)
+
+
+def prompt_token_ids(tokenizer, prompt) -> list:
+    """Token ids of a prompt ready for the assistant's answer, via the chat template.
+
+    Tokenised by the template itself (no string surgery), so a prompt is never cut and BOS
+    appears once, where the template puts it. A model without a chat template gets the plain
+    prompt with the tokenizer's own special tokens.
+    """
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if tokenizer.chat_template is None:
+        if not isinstance(prompt, str):
+            raise InputError("a chat-format prompt needs a tokenizer with a chat template")
+        return tokenizer(prompt)["input_ids"]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    return list(ids)
+
+
+def prompt_text(prompt) -> str:
+    """The plain text a judge sees: the last user message of a chat prompt."""
+    if isinstance(prompt, str):
+        return prompt
+    return next(m["content"] for m in reversed(prompt) if m["role"] == "user")
+
+
+def response_token_ids(tokenizer, response: str, truncated: bool) -> list:
+    """A response's ids as trained on: its text, plus EOS when generation ended by itself."""
+    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    return ids if truncated else ids + [tokenizer.eos_token_id]
+
+
+def collate(pairs, pad_id, padding_side="right"):
+    """Pad (prompt_ids, response_ids) pairs into one batch.
+
+    Returns input_ids, attention_mask, response_mask (1 on response tokens) and position_ids
+    that count real tokens only, so left, right and no padding give the same logits.
+    """
+    seqs = [list(p) + list(r) for p, r in pairs]
+    length = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    response_mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for i, ((p, r), s) in enumerate(zip(pairs, seqs)):
+        start = length - len(s) if padding_side == "left" else 0
+        input_ids[i, start:start + len(s)] = torch.tensor(s)
+        attention_mask[i, start:start + len(s)] = 1
+        response_mask[i, start + len(p):start + len(s)] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "response_mask": response_mask, "position_ids": position_ids}
+
+
+def sequence_logps(model, batch) -> torch.Tensor:
+    """Summed log pi(response | prompt) per sequence: batch from `collate` -> [N] (fp32).
+
+    Token t is scored from position t-1; a target counts only if it is a response token and
+    the position predicting it is real (never a pad), whatever the padding side.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"], use_cache=False).logits[:, :-1]
+    targets = batch["input_ids"][:, 1:]
+    mask = (batch["response_mask"][:, 1:] * batch["attention_mask"][:, :-1]).to(torch.float32)
+    token_logps = torch.gather(F.log_softmax(logits.float(), dim=-1), 2, targets.unsqueeze(-1)).squeeze(-1)
+    return (token_logps * mask).sum(-1)

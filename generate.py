@@ -1,0 +1,134 @@
+"""Stage 1 of an SPPO iteration: sample K responses per prompt from the policy pi_t.
+
+    python generate.py --model runs/x/iter0/model --prompts prompts.jsonl --out responses.jsonl --K 5
+
+Every record of the prompt file gets "responses" (K strings) and "truncated" (K flags: the
+response hit --max_new_tokens before an end-of-sequence token). Prompts go through the model's
+chat template as token ids, so nothing in a prompt is cut and BOS appears once.
+
+Sampling is deterministic per (seed, prompt id, k): each of the K rows of a prompt draws its
+randomness from its own generator, so a re-run, another batch size or another number of
+processes gives the same samples. This uses HF `generate` in greedy mode with a logits
+processor that adds Gumbel noise to the tempered, filtered logits: the argmax of
+logits/T + Gumbel is an exact sample from softmax(logits/T).
+"""
+import argparse
+import hashlib
+
+import torch
+from tqdm import tqdm
+
+from common import (InputError, fail_with, load_model, load_tokenizer, prompt_token_ids, read_records,
+                    run_info, write_json, write_records)
+
+
+def row_seed(seed: int, prompt_id, k: int) -> int:
+    """A 63-bit seed from (seed, prompt id, sample index), stable across runs and machines."""
+    digest = hashlib.sha256(f"{seed}|{prompt_id}|{k}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def filter_logits(logits, top_k: int, top_p: float):
+    """Keep the top_k tokens (0: all) and the smallest set with probability >= top_p: [N, V]."""
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already reach top_p
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+class GumbelSampler:
+    """Logits processor: per-row generators turn greedy decoding into seeded sampling."""
+
+    def __init__(self, generators, temperature: float, top_k: int, top_p: float):
+        self.generators, self.temperature, self.top_k, self.top_p = generators, temperature, top_k, top_p
+
+    def __call__(self, input_ids, scores):
+        logits = filter_logits(scores.float() / self.temperature, self.top_k, self.top_p)
+        uniform = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in self.generators])
+        gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
+        return logits + gumbel.to(logits.device)
+
+
+def stop_token_ids(model, tokenizer) -> set:
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+    return ids | {tokenizer.eos_token_id}
+
+
+@torch.no_grad()
+def generate_responses(model, tokenizer, records, K, temperature=1.0, top_p=1.0, top_k=0,
+                       max_new_tokens=128, seed=0, batch_size=8, desc="generate"):
+    """K responses per record: returns new records with "responses" and "truncated"."""
+    from transformers import GenerationConfig, LogitsProcessorList
+    device = next(model.parameters()).device
+    stops = stop_token_ids(model, tokenizer)
+    prompt_ids = [prompt_token_ids(tokenizer, r["prompt"]) for r in records]
+    # longest prompts first: batches of similar length waste less padding
+    order = sorted(range(len(records)), key=lambda i: -len(prompt_ids[i]))
+    results = {}
+    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(stops))
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
+        idx = order[start:start + batch_size]
+        rows = [prompt_ids[i] for i in idx for _ in range(K)]
+        width = max(len(r) for r in rows)
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        processors = LogitsProcessorList()
+        if temperature > 0:
+            gens = [torch.Generator().manual_seed(row_seed(seed, records[i]["id"], k)) for i in idx for k in range(K)]
+            processors.append(GumbelSampler(gens, temperature, top_k, top_p))
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                             logits_processor=processors)
+        new_tokens = out[:, width:].tolist()
+        for j, i in enumerate(idx):
+            texts, truncated = [], []
+            for ids in new_tokens[j * K:(j + 1) * K]:
+                end = next((n for n, t in enumerate(ids) if t in stops), None)
+                truncated.append(end is None)
+                texts.append(tokenizer.decode(ids[:end], skip_special_tokens=True))
+            results[i] = dict(records[i], responses=texts, truncated=truncated)
+    return [results[i] for i in range(len(records))]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="HF model directory (or hub name) of pi_t")
+    ap.add_argument("--prompts", required=True, help="JSONL with id and prompt")
+    ap.add_argument("--out", required=True, help="JSONL to write")
+    ap.add_argument("--K", type=int, default=5, help="samples per prompt (paper: 5)")
+    ap.add_argument("--temperature", type=float, default=1.0, help="paper 1.0, official code 0.7; 0 = greedy")
+    ap.add_argument("--top_p", type=float, default=1.0, help="paper 1.0, official code 0.9")
+    ap.add_argument("--top_k", type=int, default=0, help="0 = no top-k filter")
+    ap.add_argument("--max_new_tokens", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch_size", type=int, default=8, help="prompts per generate call (x K rows)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="auto: bfloat16 on GPU, float32 on CPU")
+    args = ap.parse_args()
+    if args.K < 1:
+        fail_with(InputError("--K must be at least 1"))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    try:
+        records = read_records(args.prompts, stage="prompts")
+    except InputError as e:
+        fail_with(e)
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, dtype=dtype, device=device).eval()
+    out = generate_responses(model, tokenizer, records, args.K, args.temperature, args.top_p, args.top_k,
+                             args.max_new_tokens, args.seed, args.batch_size)
+    write_json(f"{args.out}.info.json", run_info(vars(args)))
+    write_records(args.out, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""The math of SPPO (Wu et al. 2024, arXiv 2405.00675 v5, section 4), as pure tensor functions.
+
+Notation. For a prompt x the policy pi_t draws K responses y_1..y_K. A judge gives
+P[i, j] = P(y_i > y_j | x). The SPPO update (Eq. 4.1) is the multiplicative-weights step
+
+    pi_{t+1}(y|x) = pi_t(y|x) * exp(eta * P(y > pi_t | x)) / Z_t(x)
+
+and SPPO fits it by square loss (Eq. 4.4), replacing log Z_t(x) by eta/2 (Eq. 4.6), the value
+it takes when E_{y~pi_t} P(y > pi_t) = 1/2 is used for the whole exponent (section 4.2):
+
+    loss(y) = (log pi_theta(y|x) - log pi_t(y|x) - eta * (P(y > pi_t|x) - 1/2)) ** 2
+
+A "logratio" below is always log pi_theta(y|x) - log pi_t(y|x), each term summed over the
+response tokens. Shapes: B prompts, K responses per prompt. Nothing here reduces over the batch:
+the caller decides how to average.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def prob_matrix_from_scores(scores: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry view of per-response scores: [..., K] -> [..., K, K].
+
+    P[..., i, j] = sigmoid(s_i - s_j); the diagonal is exactly 0.5 and P + P^T = 1.
+    This is how the official code turns PairRM's aggregated scores into probabilities.
+    """
+    return torch.sigmoid(scores.unsqueeze(-1) - scores.unsqueeze(-2))
+
+
+def win_rates(P: torch.Tensor) -> torch.Tensor:
+    """Estimate of P(y_i > pi_t | x) from K samples of pi_t: [..., K, K] -> [..., K].
+
+    The row mean (1/K) sum_k P(y_i > y_k), the self term P[i, i] = 1/2 included (Eq. 4.5):
+    every y_k is a draw from pi_t, including y_i itself.
+    """
+    return P.mean(dim=-1)
+
+
+def sppo_loss(policy_logps, ref_logps, win_rate, eta: float) -> torch.Tensor:
+    """Square-loss fit of the multiplicative-weights update (Eq. 4.6), elementwise.
+
+    policy_logps, ref_logps, win_rate: same shape, e.g. [B] or [B, K]; returns that shape.
+    The target logratio is eta * (P(y > pi_t) - 1/2): log Z_t approximated by eta/2.
+    """
+    return ((policy_logps - ref_logps) - eta * (win_rate - 0.5)) ** 2
+
+
+def best_and_worst(win_rate: torch.Tensor):
+    """Indices of the best and worst of K by win rate: [B, K] -> ([B], [B]).
+
+    Ties go to the lowest index (torch.argmax/argmin), so when all K win rates are equal
+    best == worst, as in the official code; the square loss then pulls that logratio to 0.
+    """
+    return win_rate.argmax(dim=-1), win_rate.argmin(dim=-1)
+
+
+# ---- loss types for training and ablations -------------------------------------------------
+# Pair losses take the chosen (w) and rejected (l) logratios, shape [B], and return [B].
+
+
+def sppo_pair_loss(logratio_w, logratio_l, win_w, win_l, eta: float):
+    """`sppo`: the official loss on the best and worst of K, the two terms averaged."""
+    zeros = torch.zeros_like(logratio_w)
+    return 0.5 * (sppo_loss(logratio_w, zeros, win_w, eta) + sppo_loss(logratio_l, zeros, win_l, eta))
+
+
+def sppo_single_loss(logratio_w, logratio_l, p_wl, eta: float):
+    """`sppo_single`: targets +-eta * (P(y_w > y_l) - 1/2), i.e. pi_t reduced to the pair."""
+    zeros = torch.zeros_like(logratio_w)
+    return 0.5 * (sppo_loss(logratio_w, zeros, p_wl, eta) + sppo_loss(logratio_l, zeros, 1.0 - p_wl, eta))
+
+
+def sppo_hard_loss(logratio_w, logratio_l, eta: float):
+    """`sppo_hard`: TRL's hard-label form, P(y_w > y_l) = 1, with TRL's beta = 1/eta.
+
+    (logratio_w - eta/2)^2 + (logratio_l + eta/2)^2: TRL sums the terms (no factor 1/2).
+    """
+    return (logratio_w - 0.5 * eta) ** 2 + (logratio_l + 0.5 * eta) ** 2
+
+
+def dpo_loss(logratio_w, logratio_l, beta: float):
+    """`dpo` baseline (Rafailov et al. 2023): -log sigmoid(beta * (logratio_w - logratio_l))."""
+    return -F.logsigmoid(beta * (logratio_w - logratio_l))
+
+
+def ipo_loss(logratio_w, logratio_l, beta: float):
+    """`ipo` baseline (Azar et al. 2023): (logratio_w - logratio_l - 1/(2 beta))^2."""
+    return (logratio_w - logratio_l - 0.5 / beta) ** 2
+
+
+def sppo_all_loss(logratios, win_rate, eta: float):
+    """`sppo_all`: every one of the K samples with its own target, averaged over K.
+
+    logratios, win_rate: [B, K] -> [B]. Uses all of pi_t's samples, as Eq. 4.6 does in
+    expectation; the official code trains only the best and worst.
+    """
+    return sppo_loss(logratios, torch.zeros_like(logratios), win_rate, eta).mean(dim=-1)
+
+
+LOSS_TYPES = ("sppo", "sppo_single", "sppo_hard", "sppo_all", "dpo", "ipo")
+
+
+def responses_used(loss_type: str, win_rate: torch.Tensor) -> torch.Tensor:
+    """Which of the K responses a loss type trains on: [B, K] -> [B, R] indices.
+
+    R = K for `sppo_all`; otherwise R = 2, (best, worst).
+    """
+    if loss_type == "sppo_all":
+        return torch.arange(win_rate.shape[-1]).expand(win_rate.shape)
+    best, worst = best_and_worst(win_rate)
+    return torch.stack([best, worst], dim=-1)
+
+
+def preference_loss(loss_type: str, logratios, P, win_rate, used, eta: float, beta: float):
+    """Per-prompt loss for any loss type: returns [B].
+
+    logratios: [B, R], for the responses `used` ([B, R], from `responses_used`);
+    P: [B, K, K]; win_rate: [B, K]. eta scales the SPPO targets; beta is DPO/IPO's.
+    """
+    if loss_type == "sppo_all":
+        return sppo_all_loss(logratios, win_rate.gather(-1, used), eta)
+    logratio_w, logratio_l = logratios[:, 0], logratios[:, 1]
+    w, l = used[:, 0], used[:, 1]
+    if loss_type == "sppo":
+        win = win_rate.gather(-1, used)
+        return sppo_pair_loss(logratio_w, logratio_l, win[:, 0], win[:, 1], eta)
+    if loss_type == "sppo_single":
+        p_wl = P[torch.arange(P.shape[0]), w, l]
+        return sppo_single_loss(logratio_w, logratio_l, p_wl, eta)
+    if loss_type == "sppo_hard":
+        return sppo_hard_loss(logratio_w, logratio_l, eta)
+    if loss_type == "dpo":
+        return dpo_loss(logratio_w, logratio_l, beta)
+    if loss_type == "ipo":
+        return ipo_loss(logratio_w, logratio_l, beta)
+    raise ValueError(f"unknown loss_type {loss_type!r}; choose from {LOSS_TYPES}")

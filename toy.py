@@ -1,0 +1,269 @@
+"""The embedded default world: a tiny language model, prompts and a judge that know the truth.
+
+`iterate.py` with no --model uses it. It provides what a real setup provides, nothing more: a
+base model directory (HF format), prompt files and a judge for rank.py (`toy:ToyJudge`). Because
+every prompt has a small finite set of valid answers, it can also evaluate a policy exactly.
+
+The game. Six families of questions ("Which fruit suits the picnic?"), five one-word answers
+per family in roles A..E, plus "invalid" (anything else). Per family a preference matrix mixes a
+transitive part (Bradley-Terry on qualities q) with a rock-paper-scissors cycle on A, B, C:
+
+    P[i, j] = sigmoid(q_i - q_j) + c * R[i, j],   R = the A > B > C > A cycle (antisymmetric)
+
+Cyclic families (c = 0.2, A = B = C in quality) have the mixed von Neumann winner
+(1/3, 1/3, 1/3, 0, 0); transitive families (c = 0) have the pure winner A. Invalid responses
+lose to every valid one with probability 0.95. The base "SFT" model answers from
+pi_0 = (.30, .06, .05, .55, .04): mostly the dominated D, so there is a lot to learn.
+"""
+import argparse
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import games
+from common import collate, load_model, load_tokenizer, prompt_token_ids, response_token_ids, sequence_logps, write_json, write_records
+
+FAMILIES = {  # category: (answers in roles A..E, kind)
+    "fruit": (["apple", "pear", "plum", "fig", "lime"], "cyclic"),
+    "colour": (["red", "blue", "green", "grey", "brown"], "cyclic"),
+    "animal": (["cat", "dog", "fox", "owl", "eel"], "cyclic"),
+    "drink": (["tea", "milk", "juice", "soda", "water"], "cyclic"),
+    "tool": (["saw", "drill", "hammer", "file", "rope"], "transitive"),
+    "song": (["jazz", "rock", "folk", "pop", "polka"], "transitive"),
+}
+QUALITY = {"cyclic": ([2.0, 2.0, 2.0, 0.3, -1.0], 0.2), "transitive": ([2.0, 1.4, 0.8, 0.3, -1.0], 0.0)}
+BASE_POLICY = [0.30, 0.06, 0.05, 0.55, 0.04]
+INVALID_WINS = 0.05
+TEMPLATES = ["Which {c} suits the {n}?", "Pick a {c} for the {n}.", "Name a {c} for the {n}.",
+             "What {c} goes with the {n}?", "Suggest a {c} for the {n}.", "Choose a {c} to go with the {n}.",
+             "Which {c} would you bring to the {n}?", "Give me a {c} for the {n}."]
+NOUNS = ["picnic", "party", "wedding", "trip", "dinner", "festival", "garden", "beach", "concert", "school",
+         "office", "market", "camp", "museum", "library", "harbour", "farm", "castle", "forest", "village"]
+EVAL_NOUNS = NOUNS[-3:]  # held out: 6 families x 8 templates x 3 nouns = 144 prompts
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+                 "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+
+def family_matrix(kind: str) -> np.ndarray:
+    """The 6 x 6 preference matrix over (A, B, C, D, E, invalid)."""
+    q, c = QUALITY[kind]
+    q = np.array(q)
+    P = 1.0 / (1.0 + np.exp(-(q[:, None] - q[None, :])))
+    cycle = np.zeros((5, 5))
+    cycle[0, 1] = cycle[1, 2] = cycle[2, 0] = 1.0
+    P += c * (cycle - cycle.T)
+    full = np.full((6, 6), 1.0 - INVALID_WINS)
+    full[:5, :5] = P
+    full[5, :] = INVALID_WINS
+    full[5, 5] = 0.5
+    return full
+
+
+def make_prompts():
+    """(train, eval) prompt records; the family is a pass-through field the stages ignore."""
+    train, held_out = [], []
+    for fam in FAMILIES:
+        for t, template in enumerate(TEMPLATES):
+            for noun in NOUNS:
+                rec = {"id": f"{fam}-{t}-{noun}", "prompt": template.format(c=fam, n=noun), "family": fam}
+                (held_out if noun in EVAL_NOUNS else train).append(rec)
+    return train, held_out
+
+
+# ---- building the base model ------------------------------------------------------------------
+
+
+def train_tokenizer(corpus, out_dir):
+    """A byte-level BPE tokenizer with a chat template, saved in HF format."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>",
+                                 extra_special_tokens={"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"})
+    hf.chat_template = CHAT_TEMPLATE
+    hf.save_pretrained(out_dir)
+    return load_tokenizer(out_dir)
+
+
+def answer_logps(model, tokenizer, prompts, answers, batch_size=512):
+    """log pi(answer + EOS | prompt) for every prompt x answer: [len(prompts), len(answers)].
+
+    Only the canonical tokenisation of each answer is scored; other token paths to the same
+    text count as invalid mass (they are rare and the evaluator says so).
+    """
+    pairs = [(prompt_token_ids(tokenizer, p), response_token_ids(tokenizer, a, truncated=False))
+             for p, ans in zip(prompts, answers) for a in ans]
+    out = []
+    for start in range(0, len(pairs), batch_size):
+        out.append(sequence_logps(model, collate(pairs[start:start + batch_size], tokenizer.pad_token_id)))
+    return torch.cat(out).view(len(prompts), -1)
+
+
+def sft_base_model(model, tokenizer, records, steps=150, batch_prompts=64, lr=3e-3, seed=0):
+    """Fit pi(answer | prompt) to BASE_POLICY by expected NLL: min -sum_a pi_0(a) log pi(a | x)."""
+    rng = random.Random(seed)
+    base = torch.tensor(BASE_POLICY)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    for step in range(steps):
+        batch = rng.sample(records, batch_prompts)
+        logps = answer_logps(model, tokenizer, [r["prompt"] for r in batch], [FAMILIES[r["family"]][0] for r in batch])
+        loss = -(logps * base).sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return float(loss)
+
+
+def build_world(out_dir, seed=0):
+    """Build (or reuse) the toy world in out_dir; returns its paths."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    out_dir = Path(out_dir)
+    paths = {"model": out_dir / "base_model", "train_prompts": out_dir / "train_prompts.jsonl",
+             "eval_prompts": out_dir / "eval_prompts.jsonl", "world": out_dir / "world.json"}
+    if (out_dir / "done").exists():
+        return paths
+    train, held_out = make_prompts()
+    random.Random(seed).shuffle(train)
+    corpus = [r["prompt"] for r in train + held_out] + [" ".join(a) for a, _ in FAMILIES.values()] * 20
+    tokenizer = train_tokenizer(corpus, paths["model"])
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config)
+    loss = sft_base_model(model, tokenizer, train, seed=seed)
+    model.save_pretrained(paths["model"])
+    write_records(paths["train_prompts"], train)
+    write_records(paths["eval_prompts"], held_out)
+    world = {"families": {f: {"answers": a, "kind": k, "matrix": family_matrix(k).tolist()} for f, (a, k) in FAMILIES.items()},
+             "prompt_family": {r["prompt"]: r["family"] for r in train + held_out},
+             "base_policy": BASE_POLICY, "seed": seed, "sft_final_loss": loss,
+             "parameters": sum(p.numel() for p in model.parameters())}
+    write_json(paths["world"], world)
+    (out_dir / "done").write_text("ok\n")
+    return paths
+
+
+# ---- the judge --------------------------------------------------------------------------------
+
+
+class ToyJudge:
+    """Exact preferences: a response is one of the family's answers or invalid."""
+
+    def __init__(self, world_path):
+        world = json.loads(Path(world_path).read_text())
+        self.prompt_family = world["prompt_family"]
+        self.families = {f: (v["answers"], np.array(v["matrix"])) for f, v in world["families"].items()}
+
+    def role(self, answers, response: str) -> int:
+        text = response.strip()
+        return answers.index(text) if text in answers else len(answers)
+
+    def preferences(self, prompts, responses):
+        out = []
+        for prompt, resp in zip(prompts, responses):
+            answers, matrix = self.families[self.prompt_family[prompt]]
+            roles = [self.role(answers, r) for r in resp]
+            out.append((matrix[np.ix_(roles, roles)], None))
+        return out
+
+
+# ---- the exact evaluator ----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def policy_distributions(model_dir, records, world):
+    """Per prompt, pi(A..E) from sequence log-probs and the leftover mass as invalid: [N, 6]."""
+    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir).eval()
+    answers = [world["families"][r["family"]]["answers"] for r in records]
+    probs = answer_logps(model, tokenizer, [r["prompt"] for r in records], answers).exp().double().numpy()
+    return np.hstack([probs, np.clip(1.0 - probs.sum(1, keepdims=True), 0.0, 1.0)])
+
+
+def evaluate(model_dirs, eval_prompts_path, world_path):
+    """Exact metrics of pi_0..pi_T on the held-out prompts; one row per iteration.
+
+    win_vs_pi0 = P(pi_t > pi_0); exploit = max_y P(y > pi_t) - 1/2 (0 at the von Neumann winner);
+    exploit_avg = exploitability of (1/t) sum_{s=1..t} pi_s (Theorem 4.1's average policy);
+    all averaged over prompts. Families are reported separately too (cyclic vs transitive).
+    """
+    world = json.loads(Path(world_path).read_text())
+    records = [json.loads(line) for line in Path(eval_prompts_path).read_text().splitlines() if line.strip()]
+    matrices = [np.array(world["families"][r["family"]]["matrix"]) for r in records]
+    kinds = np.array([world["families"][r["family"]]["kind"] for r in records])
+    dists = [policy_distributions(d, records, world) for d in model_dirs]
+    rows = []
+    for t, pi in enumerate(dists):
+        avg = np.mean(dists[1:t + 1], axis=0) if t > 0 else pi
+        expl = np.array([games.exploitability(M, p) for M, p in zip(matrices, pi)])
+        rows.append({
+            "iteration": t,
+            "win_vs_pi0": float(np.mean([games.win_rate(M, p, q) for M, p, q in zip(matrices, pi, dists[0])])),
+            "exploit": float(expl.mean()),
+            "exploit_avg": float(np.mean([games.exploitability(M, p) for M, p in zip(matrices, avg)])),
+            "exploit_cyclic": float(expl[kinds == "cyclic"].mean()),
+            "exploit_transitive": float(expl[kinds == "transitive"].mean()),
+            "invalid": float(pi[:, 5].mean()),
+            "mean_policy": pi[:, :5].mean(0).round(3).tolist(),
+        })
+    return rows
+
+
+def format_table(rows) -> str:
+    head = f"{'iter':>4} {'P(pi_t>pi_0)':>12} {'exploit':>8} {'exploit_avg':>11} {'cyclic':>7} {'transit':>7} {'invalid':>8}  mean pi(A..E)"
+    lines = [head]
+    for r in rows:
+        lines.append(f"{r['iteration']:>4} {r['win_vs_pi0']:>12.3f} {r['exploit']:>8.3f} {r['exploit_avg']:>11.3f} "
+                     f"{r['exploit_cyclic']:>7.3f} {r['exploit_transitive']:>7.3f} {r['invalid']:>8.3f}  {r['mean_policy']}")
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    t = [r["iteration"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(t, [r["win_vs_pi0"] for r in rows], "o-", label="P(pi_t > pi_0)")
+    ax.plot(t, [r["exploit"] for r in rows], "s-", label="exploitability(pi_t)")
+    ax.plot(t, [r["exploit_avg"] for r in rows], "^--", label="exploitability(avg pi_1..t)")
+    ax.plot(t, [r["invalid"] for r in rows], "x:", label="invalid mass")
+    ax.axhline(0.5, color="grey", lw=0.5)
+    ax.set_xlabel("SPPO iteration t")
+    ax.set_xticks(t)
+    ax.set_title("toy world, held-out prompts (exact)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main():
+    ap = argparse.ArgumentParser(description="Build the toy world, or evaluate models in it.")
+    ap.add_argument("--out_dir", default="runs/toy_world")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--evaluate", nargs="*", help="model dirs pi_0 .. pi_T to evaluate")
+    args = ap.parse_args()
+    paths = build_world(args.out_dir, args.seed)
+    if args.evaluate:
+        print(format_table(evaluate(args.evaluate, paths["eval_prompts"], paths["world"])))
+    else:
+        print({k: str(v) for k, v in paths.items()})
+
+
+if __name__ == "__main__":
+    main()
