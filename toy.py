@@ -19,13 +19,14 @@ import argparse
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import games
-from common import collate, load_model, load_tokenizer, prompt_token_ids, response_token_ids, sequence_logps, write_json, write_records
+from common import InputError, collate, load_model, load_tokenizer, prompt_token_ids, response_token_ids, sequence_logps, write_json, write_records
 
 FAMILIES = {  # category: (answers in roles A..E, kind)
     "fruit": (["apple", "pear", "plum", "fig", "lime"], "cyclic"),
@@ -124,10 +125,10 @@ def sft_base_model(model, tokenizer, records, steps=150, batch_prompts=64, lr=3e
         loss.backward()
         opt.step()
     model.eval()
-    return float(loss)
+    return loss.item()
 
 
-def build_world(out_dir, seed=0):
+def build_world(out_dir, seed=0, sft_steps=150):
     """Build (or reuse) the toy world in out_dir; returns its paths."""
     from transformers import LlamaConfig, LlamaForCausalLM
     out_dir = Path(out_dir)
@@ -145,12 +146,11 @@ def build_world(out_dir, seed=0):
                          tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model = LlamaForCausalLM(config)
-    loss = sft_base_model(model, tokenizer, train, seed=seed)
+    loss = sft_base_model(model, tokenizer, train, steps=sft_steps, seed=seed)
     model.save_pretrained(paths["model"])
     write_records(paths["train_prompts"], train)
     write_records(paths["eval_prompts"], held_out)
     world = {"families": {f: {"answers": a, "kind": k, "matrix": family_matrix(k).tolist()} for f, (a, k) in FAMILIES.items()},
-             "prompt_family": {r["prompt"]: r["family"] for r in train + held_out},
              "base_policy": BASE_POLICY, "seed": seed, "sft_final_loss": loss,
              "parameters": sum(p.numel() for p in model.parameters())}
     write_json(paths["world"], world)
@@ -166,8 +166,15 @@ class ToyJudge:
 
     def __init__(self, world_path):
         world = json.loads(Path(world_path).read_text())
-        self.prompt_family = world["prompt_family"]
         self.families = {f: (v["answers"], np.array(v["matrix"])) for f, v in world["families"].items()}
+
+    def family(self, prompt: str) -> str:
+        """The family a question is about: the one category word it names."""
+        words = set(re.findall(r"[a-z]+", prompt.lower()))
+        found = [f for f in self.families if f in words]
+        if len(found) != 1:
+            raise InputError(f"toy judge: prompt {prompt!r} names {len(found)} of the families {sorted(self.families)}")
+        return found[0]
 
     def role(self, answers, response: str) -> int:
         text = response.strip()
@@ -176,7 +183,7 @@ class ToyJudge:
     def preferences(self, prompts, responses):
         out = []
         for prompt, resp in zip(prompts, responses):
-            answers, matrix = self.families[self.prompt_family[prompt]]
+            answers, matrix = self.families[self.family(prompt)]
             roles = [self.role(answers, r) for r in resp]
             out.append((matrix[np.ix_(roles, roles)], None))
         return out

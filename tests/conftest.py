@@ -9,3 +9,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def toy_world(tmp_path_factory):
+    """The embedded toy world with a short SFT (the tests need a working model, not a good one)."""
+    import toy
+    return toy.build_world(tmp_path_factory.mktemp("toy_world"), seed=0, sft_steps=40)

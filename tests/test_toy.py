@@ -1,0 +1,65 @@
+"""The toy world's game, judge and exact evaluator, and games.py's solver."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import games
+import toy
+
+RPS = np.array([[0.5, 1.0, 0.0], [0.0, 0.5, 1.0], [1.0, 0.0, 0.5]])
+
+
+def test_von_neumann_winner_rock_paper_scissors_and_transitive():
+    pi = games.von_neumann_winner(RPS)
+    assert np.allclose(pi, 1 / 3, atol=1e-9)
+    assert games.exploitability(RPS, pi) == pytest.approx(0.0, abs=1e-9)
+    assert games.exploitability(RPS, np.array([1.0, 0.0, 0.0])) == pytest.approx(0.5)  # paper beats rock
+    q = np.array([1.0, 0.2, -0.5, -2.0])  # Bradley-Terry: the best response is the winner
+    bt = 1 / (1 + np.exp(-(q[:, None] - q[None, :])))
+    assert np.allclose(games.von_neumann_winner(bt), [1, 0, 0, 0], atol=1e-9)
+    # brute force over a grid of the simplex: nothing has lower exploitability than the LP's answer
+    grid = [np.array([a, b, 1 - a - b]) for a in np.linspace(0, 1, 41) for b in np.linspace(0, 1 - a, 41)]
+    P3 = toy.family_matrix("cyclic")[:3, :3]
+    best = min(games.exploitability(P3, g) for g in grid)
+    assert games.exploitability(P3, games.von_neumann_winner(P3)) <= best + 1e-9
+
+
+def test_family_matrices():
+    for kind in ("cyclic", "transitive"):
+        M = toy.family_matrix(kind)
+        assert M.shape == (6, 6) and np.allclose(M + M.T, 1.0) and np.all((M >= 0) & (M <= 1))
+        assert np.all(M[:5, 5] == 1 - toy.INVALID_WINS)  # every valid answer beats invalid
+    cyclic = games.von_neumann_winner(toy.family_matrix("cyclic"))
+    assert np.allclose(cyclic, [1 / 3, 1 / 3, 1 / 3, 0, 0, 0], atol=1e-6)  # mixed winner
+    assert np.allclose(games.von_neumann_winner(toy.family_matrix("transitive")), [1, 0, 0, 0, 0, 0], atol=1e-6)
+    M = toy.family_matrix("cyclic")
+    assert M[0, 1] == pytest.approx(0.7) and M[1, 2] == pytest.approx(0.7) and M[2, 0] == pytest.approx(0.7)
+
+
+def test_toy_judge(toy_world):
+    judge = toy.ToyJudge(toy_world["world"])
+    (P, scores), = judge.preferences(["Which fruit suits the picnic?"], [["apple", " pear ", "apples", "apple"]])
+    M = toy.family_matrix("cyclic")
+    assert scores is None
+    assert np.allclose(P, M[np.ix_([0, 1, 5, 0], [0, 1, 5, 0])])
+    assert P[0, 2] == pytest.approx(0.95) and P[0, 3] == 0.5
+    with pytest.raises(ValueError, match="names 0"):
+        judge.preferences(["Which car?"], [["a", "b"]])
+
+
+def test_evaluator_rows_against_direct_computation(toy_world):
+    rows = toy.evaluate([toy_world["model"], toy_world["model"]], toy_world["eval_prompts"], toy_world["world"])
+    world = json.loads(Path(toy_world["world"]).read_text())
+    records = [json.loads(line) for line in Path(toy_world["eval_prompts"]).read_text().splitlines()]
+    dists = toy.policy_distributions(toy_world["model"], records, world)
+    assert np.allclose(dists.sum(1), 1.0) and np.all(dists >= 0)
+    # a policy against itself wins exactly half the time
+    assert rows[0]["win_vs_pi0"] == pytest.approx(0.5) and rows[1]["win_vs_pi0"] == pytest.approx(0.5)
+    expl = np.mean([np.max(np.array(world["families"][r["family"]]["matrix"]) @ p) - 0.5 for r, p in zip(records, dists)])
+    assert rows[1]["exploit"] == pytest.approx(expl) and rows[1]["exploit_avg"] == pytest.approx(expl)
+    assert rows[1]["invalid"] == pytest.approx(dists[:, 5].mean())
+    assert len(records) >= 100
+    table = toy.format_table(rows)
+    assert "P(pi_t>pi_0)" in table and len(table.splitlines()) == 3
