@@ -201,6 +201,21 @@ def policy_distributions(model_dir, records, world):
     return np.hstack([probs, np.clip(1.0 - probs.sum(1, keepdims=True), 0.0, 1.0)])
 
 
+def effective_eta(matrices, prev, cur):
+    """The step the update actually took: the slope of log(pi_t / pi_{t-1}) on P(y > pi_{t-1}).
+
+    Exact multiplicative weights gives log pi_t(y) - log pi_{t-1}(y) = eta P(y > pi_{t-1}) - log Z,
+    so the slope is eta. Pooled weighted least squares over the valid answers of all prompts,
+    weights pi_{t-1}(y), one intercept per prompt (it absorbs log Z).
+    """
+    num = den = 0.0
+    for M, p, q in zip(matrices, prev, cur):
+        w, x, y = p[:5], (M @ p)[:5], np.log(q[:5]) - np.log(p[:5])
+        x, y = x - np.average(x, weights=w), y - np.average(y, weights=w)
+        num, den = num + np.sum(w * x * y), den + np.sum(w * x * x)
+    return float(num / den)
+
+
 def evaluate(model_dirs, eval_prompts_path, world_path):
     """Exact metrics of pi_0..pi_T on the held-out prompts; one row per iteration.
 
@@ -225,17 +240,20 @@ def evaluate(model_dirs, eval_prompts_path, world_path):
             "exploit_cyclic": float(expl[kinds == "cyclic"].mean()),
             "exploit_transitive": float(expl[kinds == "transitive"].mean()),
             "invalid": float(pi[:, 5].mean()),
+            "eta_eff": effective_eta(matrices, dists[t - 1], pi) if t > 0 else float("nan"),
             "mean_policy": pi[:, :5].mean(0).round(3).tolist(),
         })
     return rows
 
 
 def format_table(rows) -> str:
-    head = f"{'iter':>4} {'P(pi_t>pi_0)':>12} {'exploit':>8} {'exploit_avg':>11} {'cyclic':>7} {'transit':>7} {'invalid':>8}  mean pi(A..E)"
+    head = (f"{'iter':>4} {'P(pi_t>pi_0)':>12} {'exploit':>8} {'exploit_avg':>11} {'cyclic':>7} {'transit':>7} "
+            f"{'invalid':>8} {'eta_eff':>7}  mean pi(A..E)")
     lines = [head]
     for r in rows:
         lines.append(f"{r['iteration']:>4} {r['win_vs_pi0']:>12.3f} {r['exploit']:>8.3f} {r['exploit_avg']:>11.3f} "
-                     f"{r['exploit_cyclic']:>7.3f} {r['exploit_transitive']:>7.3f} {r['invalid']:>8.3f}  {r['mean_policy']}")
+                     f"{r['exploit_cyclic']:>7.3f} {r['exploit_transitive']:>7.3f} {r['invalid']:>8.3f} {r['eta_eff']:>7.2f}  "
+                     f"{r['mean_policy']}")
     return "\n".join(lines)
 
 

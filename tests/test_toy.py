@@ -63,3 +63,12 @@ def test_evaluator_rows_against_direct_computation(toy_world):
     assert len(records) >= 100
     table = toy.format_table(rows)
     assert "P(pi_t>pi_0)" in table and len(table.splitlines()) == 3
+
+
+def test_effective_eta_recovers_the_multiplicative_weights_step():
+    rng = np.random.default_rng(0)
+    matrices = [toy.family_matrix(k) for k in ("cyclic", "transitive", "cyclic")]
+    prev = rng.dirichlet(np.ones(6), size=3)
+    cur = np.array([games.multiplicative_weights_step(M, p, 7.5) for M, p in zip(matrices, prev)])
+    assert toy.effective_eta(matrices, prev, cur) == pytest.approx(7.5, rel=1e-9)
+    assert toy.effective_eta(matrices, prev, prev) == pytest.approx(0.0, abs=1e-12)
