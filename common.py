@@ -1,7 +1,9 @@
-"""Helpers every stage shares: checked JSONL I/O, atomic writes, chat templating, log-probs.
+"""Helpers every stage shares: checked JSONL I/O, atomic writes, chat templating, log-probs,
+and the split of a stage's records over torchrun's processes.
 
 Kept small on purpose: one place for each idea that more than one stage needs.
 """
+import hashlib
 import json
 import os
 import platform
@@ -94,6 +96,38 @@ def read_records(path, stage="prompts", K=None):
             records.append(rec)
     if not records:
         raise InputError(f"{path}: no records")
+    return records
+
+
+def load_prompts(source, split="train", column="prompt"):
+    """Prompt records {id, prompt, ...} from a JSONL file, a directory saved by `datasets`
+    (`save_to_disk`), or a hub dataset name (the only case that touches the network).
+
+    Dataset rows keep all their columns; the prompt is taken from `column` (a string or a list
+    of chat messages) and the id from "id" or "prompt_id" when present, else "<source>-<row>".
+    """
+    path = Path(source)
+    if path.is_file():
+        return read_records(path, stage="prompts")
+    import datasets
+    if path.is_dir():
+        data = datasets.load_from_disk(str(path))
+    else:
+        data = datasets.load_dataset(str(source), split=split)
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise InputError(f"{source}: no split {split!r} (has {sorted(data)})")
+        data = data[split]
+    if column not in data.column_names:
+        raise InputError(f"{source}: field {column!r}: missing (columns: {data.column_names})")
+    records = []
+    for row_no, row in enumerate(data):
+        rec = dict(row, prompt=row[column])
+        rec["id"] = row.get("id", row.get("prompt_id", f"{path.name}-{row_no}"))
+        _check_record(rec, source, f"row {row_no}", "prompts", None)
+        records.append(rec)
+    if len({r["id"] for r in records}) != len(records):
+        raise InputError(f"{source}: field 'id': ids are not unique")
     return records
 
 
@@ -221,3 +255,66 @@ def sequence_logps(model, batch) -> torch.Tensor:
     mask = (batch["response_mask"][:, 1:] * batch["attention_mask"][:, :-1]).to(torch.float32)
     token_logps = torch.gather(F.log_softmax(logits.float(), dim=-1), 2, targets.unsqueeze(-1)).squeeze(-1)
     return (token_logps * mask).sum(-1)
+
+
+# ---- processes: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python is rank 0 of 1 -----
+
+
+def dist_env():
+    """(rank, world size, local rank) of this process, from torchrun's environment variables."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def shard_of(records, rank, world):
+    """Contiguous slice `rank` of `world` near-equal slices: each record in exactly one, order kept.
+
+    Any number of records over any world size: sizes differ by at most one; a slice may be empty.
+    """
+    bounds = [len(records) * r // world for r in range(world + 1)]
+    return records[bounds[rank]:bounds[rank + 1]]
+
+
+def shard_path(out, records, rank, world, config) -> Path:
+    """Where rank `rank` writes its shard of `out`: named by a hash of the stage's config and of
+    the shard's record ids, so a re-run with other flags or other input never reuses a stale shard."""
+    ids = [r["id"] for r in shard_of(records, rank, world)]
+    key = hashlib.sha256(json.dumps([config, ids], sort_keys=True, default=str).encode()).hexdigest()[:12]
+    out = Path(out)
+    return out.with_name(out.name + ".shards") / f"{key}-{rank:05d}-of-{world:05d}.jsonl"
+
+
+def run_sharded(records, out, work, config):
+    """Run `work(shard) -> new records` on this rank's shard of `records`; write `out` in input order.
+
+    Under torchrun every rank does its own slice and writes it to its own shard file (atomically);
+    a rank whose shard file exists skips its work, so a re-run after a crash redoes only the
+    unfinished shards. After a barrier rank 0 merges the shards into `out` and removes them.
+    The shard files must be on a filesystem all ranks see (several nodes: a shared one).
+    One process: no shard files, `work(records)` goes straight to `out`.
+    """
+    rank, world, _ = dist_env()
+    if world == 1:
+        write_records(out, work(records))
+        return
+    import datetime
+    import shutil
+    import torch.distributed as dist
+    # gloo for a barrier of CPU tensors, also on GPUs; a long timeout because ranks wait here
+    # for the slowest shard (hours of generation on a big model)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(hours=24))
+    mine = shard_path(out, records, rank, world, config)
+    if not mine.exists():
+        done = work(shard_of(records, rank, world))
+        atomic_write(mine, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in done))
+    dist.barrier()
+    if rank == 0:
+        merged = []
+        for r in range(world):
+            path = shard_path(out, records, r, world, config)
+            shard = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            if [s["id"] for s in shard] != [s["id"] for s in shard_of(records, r, world)]:
+                raise InputError(f"{path}: shard does not hold the ids of slice {r} of {world}")
+            merged += shard
+        write_records(out, merged)
+        shutil.rmtree(mine.parent)
+    dist.destroy_process_group()

@@ -1,6 +1,11 @@
 """Stage 1 of an SPPO iteration: sample K responses per prompt from the policy pi_t.
 
     python generate.py --model runs/x/iter0/model --prompts prompts.jsonl --out responses.jsonl --K 5
+    torchrun --standalone --nproc_per_node=8 generate.py ...same flags...   # one shard per GPU
+
+Under torchrun each rank generates a contiguous slice of the prompts on its own device
+(cuda:LOCAL_RANK), writes it to a shard file, and rank 0 merges the shards in prompt order
+(common.run_sharded); a re-run after a crash redoes only the shards that were not written.
 
 Every record of the prompt file gets "responses" (K strings) and "truncated" (K flags: the
 response hit --max_new_tokens before an end-of-sequence token). Prompts go through the model's
@@ -8,18 +13,19 @@ chat template as token ids, so nothing in a prompt is cut and BOS appears once.
 
 Sampling is deterministic per (seed, prompt id, k): each of the K rows of a prompt draws its
 randomness from its own generator, so a re-run, another batch size or another number of
-processes gives the same samples. This uses HF `generate` in greedy mode with a logits
-processor that adds Gumbel noise to the tempered, filtered logits: the argmax of
-logits/T + Gumbel is an exact sample from softmax(logits/T).
+processes gives the same samples (the merged output of N processes equals one process's).
+This uses HF `generate` in greedy mode with a logits processor that adds Gumbel noise to the
+tempered, filtered logits: the argmax of logits/T + Gumbel is an exact sample from softmax(logits/T).
 """
 import argparse
 import hashlib
+import os
 
 import torch
 from tqdm import tqdm
 
-from common import (InputError, fail_with, load_model, load_tokenizer, prompt_token_ids, read_records,
-                    run_info, write_json, write_records)
+from common import (InputError, dist_env, fail_with, load_model, load_tokenizer, prompt_token_ids, read_records,
+                    run_info, run_sharded, write_json)
 
 
 def row_seed(seed: int, prompt_id, k: int) -> int:
@@ -98,7 +104,34 @@ def generate_responses(model, tokenizer, records, K, temperature=1.0, top_p=1.0,
     return [results[i] for i in range(len(records))]
 
 
-def main():
+def generate_responses_vllm(model_dir, tokenizer, records, K, temperature=1.0, top_p=1.0, top_k=0,
+                            max_new_tokens=128, seed=0, tensor_parallel_size=1):
+    """The same records through vLLM (GPU only; API of vllm 0.33.0: LLM, SamplingParams, TokensPrompt).
+
+    Prompts go in as token ids from our chat template, so vLLM adds no second BOS. One request per
+    prompt with n=K and a seed from (seed, prompt id): a prompt's samples do not depend on its
+    batch or shard (they differ from the HF backend's: another sampler). One engine per process;
+    tensor_parallel_size > 1 spreads one engine over several GPUs for models that need it.
+    """
+    rank, world, local_rank = dist_env()
+    if world > 1 and tensor_parallel_size == 1:  # one engine per rank, each on its own GPU
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(local_rank + 1)))).split(",")
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible[local_rank]
+    from vllm import LLM, SamplingParams, TokensPrompt
+    engine = LLM(model=str(model_dir), tokenizer=str(model_dir), seed=seed, dtype="auto",
+                 tensor_parallel_size=tensor_parallel_size, trust_remote_code=False)
+    stops = sorted({tokenizer.eos_token_id} | set(tokenizer.convert_tokens_to_ids(
+        [t for t in tokenizer.all_special_tokens if t in ("<|eot_id|>", "<end_of_turn>", "<|im_end|>")])))
+    prompts = [TokensPrompt(prompt_token_ids=prompt_token_ids(tokenizer, r["prompt"])) for r in records]
+    params = [SamplingParams(n=K, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_new_tokens,
+                             seed=row_seed(seed, r["id"], 0) % 2**31, stop_token_ids=stops, skip_special_tokens=True)
+              for r in records]
+    outputs = engine.generate(prompts, params, use_tqdm=True)
+    return [dict(rec, responses=[c.text for c in out.outputs], truncated=[c.finish_reason == "length" for c in out.outputs])
+            for rec, out in zip(records, outputs)]
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="HF model directory (or hub name) of pi_t")
     ap.add_argument("--prompts", required=True, help="JSONL with id and prompt")
@@ -112,22 +145,32 @@ def main():
     ap.add_argument("--batch_size", type=int, default=8, help="prompts per generate call (x K rows)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="auto: bfloat16 on GPU, float32 on CPU")
-    args = ap.parse_args()
+    ap.add_argument("--backend", default="hf", choices=["hf", "vllm"], help="vllm: GPUs, requirements-vllm.txt")
+    ap.add_argument("--tensor_parallel_size", type=int, default=1, help="vllm: GPUs per engine")
+    args = ap.parse_args(argv)
     if args.K < 1:
         fail_with(InputError("--K must be at least 1"))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32,
+    rank, world, local_rank = dist_env()
+    device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    dtype = {"auto": torch.bfloat16 if device != "cpu" else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    try:
+    try:  # every rank reads and checks the whole file, so bad input stops all ranks alike
         records = read_records(args.prompts, stage="prompts")
     except InputError as e:
         fail_with(e)
-    tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, dtype=dtype, device=device).eval()
-    out = generate_responses(model, tokenizer, records, args.K, args.temperature, args.top_p, args.top_k,
-                             args.max_new_tokens, args.seed, args.batch_size)
-    write_json(f"{args.out}.info.json", run_info(vars(args)))
-    write_records(args.out, out)
+
+    def work(shard):  # the model is loaded only by a rank that has work left
+        tokenizer = load_tokenizer(args.model)
+        if args.backend == "vllm":
+            return generate_responses_vllm(args.model, tokenizer, shard, args.K, args.temperature, args.top_p,
+                                           args.top_k, args.max_new_tokens, args.seed, args.tensor_parallel_size)
+        model = load_model(args.model, dtype=dtype, device=device).eval()
+        return generate_responses(model, tokenizer, shard, args.K, args.temperature, args.top_p, args.top_k,
+                                  args.max_new_tokens, args.seed, args.batch_size,
+                                  desc="generate" if world == 1 else f"generate rank {rank}/{world}")
+    run_sharded(records, args.out, work, config=vars(args))
+    if rank == 0:
+        write_json(f"{args.out}.info.json", dict(run_info(vars(args)), world_size=world))
 
 
 if __name__ == "__main__":

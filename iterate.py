@@ -2,21 +2,23 @@
 
     python iterate.py                                   # the embedded toy world, 3 iterations, CPU
     python iterate.py --model DIR --prompts FILE.jsonl --judge module:factory --judge_path X --run_dir runs/me
+    python iterate.py --model DIR ... --nproc_per_node 8                # every stage on the 8 GPUs of one node
 
 Iteration t works on the t-th of T equal slices of the prompts (each prompt used once) and
 starts from the model the previous iteration trained. Every stage runs as its own process and
 writes its output atomically; a stage whose output exists is skipped, so a killed run resumes
-where it stopped when the same command is run again. The run directory keeps the full config,
-seeds and library versions (config.json), every stage's JSONL and every iteration's model.
+where it stopped when the same command is run again (training itself continues from its last
+checkpoint, see train.py). The run directory keeps the full config, seeds and library versions
+(config.json), every stage's JSONL and every iteration's model.
 """
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-from common import InputError, fail_with, read_records, run_info, write_json, write_records
+from common import (InputError, atomic_write, fail_with, load_prompts, prompt_text, read_records, run_info, write_json,
+                    write_records)
 
 HERE = Path(__file__).resolve().parent
 
@@ -31,33 +33,50 @@ PRESETS = {
                 lr_schedule="constant", epochs=5, global_batch=32, micro_batch=32, max_prompt_length=64,
                 max_length=96),
 }
+# The official runs (uclaml/SPPO run_sppo_*.sh): all three models use the same three UltraFeedback
+# prompt sets, one per iteration, PairRM with its aggregated scores, and the paper's training values.
+OFFICIAL_PROMPTS = ",".join(f"UCLA-AGI/data-mistral-7b-instruct-sppo-iter{i}" for i in (1, 2, 3))
+for _name, _model, _micro in [("mistral-7b", "mistralai/Mistral-7B-Instruct-v0.2", 8),
+                              ("llama-3-8b", "meta-llama/Meta-Llama-3-8B-Instruct", 8),
+                              ("gemma-2-9b", "google/gemma-2-9b-it", 4)]:
+    PRESETS[_name] = dict(PRESETS["paper"], model=_model, prompts=OFFICIAL_PROMPTS, judge="pairrm", p_mode="scores",
+                          backend="vllm", micro_batch=_micro)
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="base model pi_0 (HF dir or hub name); default: the toy world")
-    ap.add_argument("--prompts", help="JSONL with id and prompt")
-    ap.add_argument("--judge", help="module:factory for rank.py")
+    ap.add_argument("--prompts", help="JSONL file, saved dataset dir or hub dataset: split in --iterations "
+                    "slices; or one comma-separated source per iteration")
+    ap.add_argument("--prompt_split", default="train", help="dataset split of the prompt sources")
+    ap.add_argument("--prompt_column", default="prompt", help="dataset column holding the prompt")
+    ap.add_argument("--eval_prompts", help="held-out prompts: greedy outputs per iteration in AlpacaEval format")
+    ap.add_argument("--eval_max", type=int, default=805, help="at most this many eval prompts")
+    ap.add_argument("--judge", help="pairrm, reward or module:factory for rank.py")
     ap.add_argument("--judge_path", help="what the judge loads")
+    ap.add_argument("--p_mode", help="pairrm: pairwise (the paper's P) or scores (official)")
+    ap.add_argument("--backend", help="generation: hf (default) or vllm")
     ap.add_argument("--run_dir", help="default runs/toy-seed{seed} for the toy world")
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--preset", choices=sorted(PRESETS), help="default: toy without --model, else paper")
     ap.add_argument("--loss_type", default="sppo")
     ap.add_argument("--optimizer", default="rmsprop")
-    ap.add_argument("--nproc_per_node", type=int, default=1, help="processes for training (torchrun)")
+    ap.add_argument("--nproc_per_node", type=int, default=1,
+                    help="processes per stage, e.g. one per GPU; > 1: each stage runs under torchrun")
+    ap.add_argument("--save_every", type=int, default=0, help="train.py: resumable checkpoint every N steps")
     ap.add_argument("--dry-run", dest="dry_run", action="store_true", help="print config and commands only")
     for key, value in PRESETS["paper"].items():
         ap.add_argument(f"--{key}", type=type(value), default=None, help=f"preset default (paper: {value})")
     args = ap.parse_args(argv)
-    toy = args.model is None
-    args.preset = args.preset or ("toy" if toy else "paper")
+    args.preset = args.preset or ("paper" if args.model else "toy")
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    toy = args.model is None
     if not toy and not (args.prompts and args.judge):
         ap.error("with --model, give --prompts and --judge too")
-    args.run_dir = Path(args.run_dir or f"runs/toy-seed{args.seed}")
+    args.run_dir = Path(args.run_dir or (f"runs/toy-seed{args.seed}" if toy else f"runs/{args.preset}-seed{args.seed}"))
     return args
 
 
@@ -68,10 +87,29 @@ def run(cmd, dry_run):
 
 
 def launcher(nproc):
-    """How a stage is started: plain python, or torchrun for several processes."""
+    """How a stage is started: plain python, or torchrun for several processes on this node
+    (generate and rank shard the prompts over them, train shards the model with FSDP2)."""
     if nproc <= 1:
         return [sys.executable]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+
+
+def prompt_slices(args):
+    """One list of prompt records per iteration: a source per iteration, or one source split."""
+    sources = args.prompts.split(",")
+    loaded = [load_prompts(s, args.prompt_split, args.prompt_column) for s in sources]
+    if len(loaded) == args.iterations:
+        return loaded
+    if len(loaded) == 1:
+        return split_prompts(loaded[0], args.iterations)
+    raise InputError(f"--prompts: {len(loaded)} sources for {args.iterations} iterations (give 1 or {args.iterations})")
+
+
+def export_alpaca_eval(responses_path, out_path, generator):
+    """AlpacaEval's model_outputs.json: instruction, output, generator per prompt."""
+    rows = [{"instruction": prompt_text(r["prompt"]), "output": r["responses"][0], "generator": generator}
+            for r in read_records(responses_path, stage="prompts")]  # K = 1: greedy
+    atomic_write(out_path, lambda f: json.dump(rows, f, indent=1, ensure_ascii=False))
 
 
 def split_prompts(records, parts):
@@ -96,9 +134,24 @@ def main(argv=None):
     if not args.dry_run:
         write_json(run_dir / "config.json", run_info(config))
         try:
-            slices = split_prompts(read_records(args.prompts, stage="prompts"), args.iterations)
+            slices = prompt_slices(args)
+            if args.eval_prompts and not (run_dir / "eval_prompts.jsonl").exists():
+                write_records(run_dir / "eval_prompts.jsonl",
+                              load_prompts(args.eval_prompts, args.prompt_split, args.prompt_column)[:args.eval_max])
         except InputError as e:
             fail_with(e)
+
+    def export(t, model_dir):  # greedy outputs of pi_t on the eval prompts, for alpaca_eval
+        out = run_dir / f"iter{t}" / "eval_responses.jsonl"
+        if args.dry_run or not out.exists():
+            run(launcher(args.nproc_per_node) + [
+                HERE / "generate.py", "--model", model_dir, "--prompts", run_dir / "eval_prompts.jsonl", "--out", out,
+                "--K", 1, "--temperature", 0, "--max_new_tokens", args.max_new_tokens] + backend, args.dry_run)
+        if not args.dry_run:
+            export_alpaca_eval(out, run_dir / f"iter{t}" / "model_outputs.json", f"{run_dir.name}-iter{t}")
+    backend = ["--backend", args.backend] if args.backend else []
+    if args.eval_prompts:
+        export(0, args.model)
 
     models = [args.model]
     for t in range(1, args.iterations + 1):
@@ -108,21 +161,25 @@ def main(argv=None):
         if not args.dry_run and not prompts.exists():
             write_records(prompts, slices[t - 1])
         if args.dry_run or not responses.exists():
-            run(launcher(1) + [HERE / "generate.py", "--model", models[-1], "--prompts", prompts, "--out", responses,
-                               "--K", args.K, "--temperature", args.temperature, "--top_p", args.top_p,
-                               "--top_k", args.top_k, "--max_new_tokens", args.max_new_tokens,
-                               "--seed", args.seed * 1000 + t], args.dry_run)
+            run(launcher(args.nproc_per_node) + [
+                HERE / "generate.py", "--model", models[-1], "--prompts", prompts, "--out", responses,
+                "--K", args.K, "--temperature", args.temperature, "--top_p", args.top_p, "--top_k", args.top_k,
+                "--max_new_tokens", args.max_new_tokens, "--seed", args.seed * 1000 + t] + backend, args.dry_run)
         if args.dry_run or not ranked.exists():
-            run(launcher(1) + [HERE / "rank.py", "--responses", responses, "--out", ranked, "--judge", args.judge]
-                + (["--judge_path", args.judge_path] if args.judge_path else []), args.dry_run)
+            run(launcher(args.nproc_per_node) + [
+                HERE / "rank.py", "--responses", responses, "--out", ranked, "--judge", args.judge]
+                + (["--judge_path", args.judge_path] if args.judge_path else [])
+                + (["--p_mode", args.p_mode] if args.p_mode else []), args.dry_run)
         if args.dry_run or not (model / "train_info.json").exists():
             run(launcher(args.nproc_per_node) + [
                 HERE / "train.py", "--model", models[-1], "--ranked", ranked, "--out", model,
                 "--loss_type", args.loss_type, "--eta", args.eta, "--optimizer", args.optimizer, "--lr", args.lr,
                 "--lr_schedule", args.lr_schedule, "--epochs", args.epochs, "--global_batch", args.global_batch,
                 "--micro_batch", args.micro_batch, "--max_prompt_length", args.max_prompt_length,
-                "--max_length", args.max_length, "--seed", args.seed], args.dry_run)
+                "--max_length", args.max_length, "--seed", args.seed, "--save_every", args.save_every], args.dry_run)
         models.append(str(model))
+        if args.eval_prompts:
+            export(t, model)
         if world is not None:
             import toy
             rows = toy.evaluate(models, world["eval_prompts"], world["world"])

@@ -3,6 +3,10 @@
     python rank.py --responses responses.jsonl --out ranked.jsonl --judge toy:ToyJudge --judge_path world.json
     python rank.py --responses responses.jsonl --out ranked.jsonl --judge pairrm [--judge_path DIR] [--p_mode scores]
     python rank.py --responses responses.jsonl --out ranked.jsonl --judge reward --judge_path REWARD_MODEL_DIR
+    torchrun --standalone --nproc_per_node=8 rank.py ...same flags...   # one shard per GPU
+
+Under torchrun each rank judges a contiguous slice of the prompts on its own device and rank 0
+merges the shard files in prompt order (common.run_sharded); a re-run redoes only unfinished shards.
 
 For every prompt x with responses y_1..y_K the judge gives the K x K matrix
 P[i, j] = P(y_i > y_j | x); the win rate of y_i against the policy that sampled them is the
@@ -28,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import InputError, fail_with, prompt_text, read_records, write_records
+from common import InputError, dist_env, fail_with, prompt_text, read_records, run_sharded
 from sppo_loss import prob_matrix_from_scores, win_rates
 
 PAIRRM_HUB_NAME = "llm-blender/PairRM"
@@ -280,18 +284,24 @@ def main(argv=None):
     ap.add_argument("--judge_max_length", type=int, default=None,
                     help="pairrm: tokens per response (its candidate_maxlength); reward: tokens per sequence")
     ap.add_argument("--judge_batch_size", type=int, default=32, help="sequences per judge forward")
-    ap.add_argument("--judge_device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--judge_device", default=None, help="default: cuda:LOCAL_RANK on GPUs, else cpu")
     ap.add_argument("--batch_size", type=int, default=16, help="prompts per judge call")
     args = ap.parse_args(argv)
-    try:
+    rank, world, local_rank = dist_env()
+    device = args.judge_device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    judges = []
+
+    def work(shard):  # the judge is built only by a rank that has work left
+        judges.append(make_judge(args.judge, args.judge_path, p_mode=args.p_mode, max_length=args.judge_max_length,
+                                 batch_size=args.judge_batch_size, device=device))
+        return rank_records(shard, judges[0], args.batch_size, desc="rank" if world == 1 else f"rank {rank}/{world}")
+    try:  # every rank reads and checks the whole file, so bad input stops all ranks alike
         records = read_records(args.responses, stage="responses")
-        judge = make_judge(args.judge, args.judge_path, p_mode=args.p_mode, max_length=args.judge_max_length,
-                           batch_size=args.judge_batch_size, device=args.judge_device)
-        write_records(args.out, rank_records(records, judge, args.batch_size))
+        run_sharded(records, args.out, work, config=vars(args))
     except InputError as e:
         fail_with(e)
-    if getattr(judge, "cut", 0):
-        print(f"note: {judge.cut} of {judge.seen} responses were longer than the judge's limit; "
+    if judges and getattr(judges[0], "cut", 0):
+        print(f"note: {judges[0].cut} of {judges[0].seen} responses were longer than the judge's limit; "
               "it judged their first part", file=sys.stderr)
 
 

@@ -2,16 +2,26 @@
 
 One process (CPU or one GPU):
     python train.py --model runs/x/iter0/model --ranked ranked.jsonl --out runs/x/iter1/model
-Several processes (FSDP2; gloo on CPU, nccl on GPU), e.g. one node with 8 GPUs:
+Several processes, FSDP2 (gloo on CPU, nccl on GPU); one node with 8 GPUs:
     torchrun --standalone --nproc_per_node=8 train.py --model ... --ranked ... --out ...
+Two nodes with 8 GPUs each (the same command on both; node_rank 0 and 1; --out on a shared disk):
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST0:29500 train.py ...
 
 The model at --model is pi_t: the starting point and the frozen reference. Its log-probs of the
 training responses are computed once, before the first step, so no second model lives in memory.
 Each step: one forward over every (prompt, response) sequence of the batch, summed response
 log-probs in fp32, the loss of sppo_loss.py, RMSprop (the paper's optimizer). The result is an
 HF-format directory (safetensors + tokenizer) that transformers and vLLM load unchanged.
+
+Under torchrun the model is sharded with FSDP2 (each decoder layer, then the root). Each global
+batch is split over the ranks and the loss is a mean over the whole global batch, so the result
+does not depend on the number of processes. Work files live in OUT.tmp/: metrics.jsonl and
+ckpt/step-N/, a resumable checkpoint written every --save_every steps and at the end. Run the
+same command again after a crash and training continues from the last checkpoint, ending with
+the parameters an uninterrupted run would have had. OUT.tmp/ is removed once OUT is in place.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -24,9 +34,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import (InputError, collate, fail_with, load_model, load_tokenizer, prompt_token_ids, read_records,
-                    response_token_ids, run_info, sequence_logps, write_json)
+from common import (InputError, atomic_write, collate, dist_env, fail_with, load_model, load_tokenizer,
+                    prompt_token_ids, read_records, response_token_ids, run_info, sequence_logps, write_json)
 from sppo_loss import LOSS_TYPES, preference_loss, responses_used
+
+# flags that change how, not what, is computed (up to rounding): a checkpoint resumes across them
+RESUME_FREE = ("save_every", "micro_batch", "grad_checkpointing", "cpu_offload")
 
 
 def parse_args(argv=None):
@@ -43,13 +56,17 @@ def parse_args(argv=None):
     ap.add_argument("--warmup_ratio", type=float, default=0.1)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--global_batch", type=int, default=64, help="prompts per optimizer step, all ranks")
-    ap.add_argument("--micro_batch", type=int, default=8, help="prompts per forward on one rank")
+    ap.add_argument("--micro_batch", type=int, default=8,
+                    help="prompts per forward on one rank; gradients accumulate over ceil(global_batch / world / micro_batch)")
     ap.add_argument("--grad_clip", type=float, default=1.0, help="max grad norm; 0 = off")
     ap.add_argument("--max_prompt_length", type=int, default=512, help="prompt tokens kept (the last ones)")
     ap.add_argument("--max_length", type=int, default=1024, help="prompt + response tokens")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                    help="parameter dtype in forward; auto: bfloat16 on GPU, float32 on CPU")
+                    help="compute dtype; weights, gradient reduction and optimizer stay fp32. auto: bfloat16 on GPU")
+    ap.add_argument("--grad_checkpointing", action="store_true", help="recompute each decoder layer in backward")
+    ap.add_argument("--cpu_offload", action="store_true", help="FSDP2 keeps parameters, grads, optimizer on CPU (torchrun, GPU)")
+    ap.add_argument("--save_every", type=int, default=0, help="resumable checkpoint every N steps (0: at the end only)")
     return ap.parse_args(argv)
 
 
@@ -82,11 +99,18 @@ def batch_logps(model, examples, pad_id, device):
     return sequence_logps(model, batch).view(len(examples), -1)
 
 
-def padded_share(indices, rank, world):
-    """This rank's share of `indices`, padded so every rank has the same count.
+def data_order(n, seed, epoch):
+    """The order of the examples in an epoch: a function of (seed, epoch) only, so a resumed run
+    finds every batch where the uninterrupted run had it."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
 
-    FSDP runs collectives inside forward and backward, so all ranks must do the same number
-    of forwards; a padding example carries weight 0. Returns (indices, weights).
+
+def padded_share(indices, rank, world):
+    """This rank's share of `indices` (a global batch), padded so every rank has the same count.
+
+    Our distributed sampler. FSDP runs collectives inside forward and backward, so all ranks must
+    do the same number of forwards; a padding example carries weight 0. (torch's DistributedSampler
+    pads with real examples that would then count twice.) Returns (indices, weights).
     """
     share = indices[rank::world]
     size = math.ceil(len(indices) / world)
@@ -94,64 +118,136 @@ def padded_share(indices, rank, world):
     return share + [indices[0]] * (size - len(share)), weights
 
 
+# ---- resumable checkpoints ----------------------------------------------------------------------
+# Sharded with torch.distributed.checkpoint (DCP): each rank writes only its own shard of the
+# parameters and optimizer state, in parallel, and nothing of the size of the whole model is
+# gathered. (Full state dicts would collect parameters and optimizer state on rank 0's CPU: 3 x
+# the fp32 model for RMSprop, 112 GB for a 7B model, at every save.) The RNG states are per rank, one small file each;
+# step and scheduler are written by rank 0. A checkpoint is written to step-N.tmp and renamed to
+# step-N when complete, so a run killed mid-save leaves the previous checkpoint intact.
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def latest_checkpoint(ckpt_dir: Path):
+    """The newest complete checkpoint directory, or None."""
+    done = sorted(p for p in ckpt_dir.glob("step-*") if not p.name.endswith(".tmp")) if ckpt_dir.exists() else []
+    return done[-1] if done else None
+
+
+def rng_states():
+    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def save_checkpoint(ckpt_dir: Path, step, model, optimizer, scheduler, config, rank):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    final = ckpt_dir / f"step-{step:08d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+    barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+    atomic_write(tmp / f"rng-{rank}.pt", lambda f: torch.save(rng_states(), f), mode="wb")
+    if rank == 0:
+        atomic_write(tmp / "train_state.pt", lambda f: torch.save({"step": step, "scheduler": scheduler.state_dict()}, f), mode="wb")
+        write_json(tmp / "config.json", config)
+    barrier()  # every rank's files are in tmp
+    if rank == 0:
+        os.replace(tmp, final)
+        for old in ckpt_dir.glob("step-*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank):
+    """Restore model, optimizer, scheduler and this rank's RNG states; returns the step."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_state, optim_state = get_state_dict(model, optimizer)  # the layout to load into
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train_state = torch.load(path / "train_state.pt")
+    scheduler.load_state_dict(train_state["scheduler"])
+    rng = torch.load(path / f"rng-{rank}.pt", weights_only=False)  # python's RNG state is a tuple
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return train_state["step"]
+
+
+def check_resumable(path: Path, config):
+    """Resume only the run that wrote the checkpoint: same flags (but RESUME_FREE), data, world size."""
+    saved = json.loads((path / "config.json").read_text())
+    diff = sorted(k for k in set(saved) | set(config) if k not in RESUME_FREE and saved.get(k) != config.get(k))
+    if diff:
+        details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {config.get(k)!r}" for k in diff)
+        raise InputError(f"{path}: checkpoint of a different run ({details}). Run with the same flags and "
+                         f"number of processes, or delete {path.parent.parent} to start over")
+
+
 def main(argv=None):
     args = parse_args(argv)
-    # ---- processes and devices: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK -------------------
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if ddp:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world = 0, 1
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    rank, world, local_rank = dist_env()
     master = rank == 0
+    fsdp = "RANK" in os.environ  # under torchrun (even with 1 process): FSDP2
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
+    out = Path(args.out)
+    work_dir = out.with_name(out.name + ".tmp")  # metrics.jsonl, ckpt/; becomes nothing once out is written
+    ckpt_dir = work_dir / "ckpt"
+
+    # ---- data, and the checkpoint to resume from: checked on every rank before any collective, so
+    # bad input makes all ranks exit with the same clear error instead of leaving some waiting ------
+    try:
+        if args.cpu_offload and not (fsdp and device.type == "cuda"):
+            raise InputError("--cpu_offload needs torchrun on GPUs (FSDP2 offloads to CPU from GPU memory)")
+        records = read_records(args.ranked, stage="ranked")
+        tokenizer = load_tokenizer(args.model)
+        examples, n_cut = build_examples(records, tokenizer, args.loss_type, args.max_prompt_length, args.max_length)
+        config = dict(vars(args), world_size=world, ranked_sha256=hashlib.sha256(Path(args.ranked).read_bytes()).hexdigest())
+        resume = latest_checkpoint(ckpt_dir)
+        if resume is not None:
+            check_resumable(resume, config)
+    except InputError as e:
+        fail_with(e)
+    if master and n_cut:
+        print(f"warning: {n_cut} responses cut to --max_length {args.max_length}; generate with fewer new tokens")
+    if fsdp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
 
-    # ---- data ------------------------------------------------------------------------------
-    tokenizer = load_tokenizer(args.model)
-    try:
-        records = read_records(args.ranked, stage="ranked")
-    except InputError as e:
-        fail_with(e)
-    examples, n_cut = build_examples(records, tokenizer, args.loss_type, args.max_prompt_length, args.max_length)
-    if master and n_cut:
-        print(f"warning: {n_cut} responses cut to --max_length {args.max_length}; generate with fewer new tokens")
-
     # ---- model: fp32 master weights; FSDP2 shards each decoder layer, then the root -----------
-    model = load_model(args.model, dtype=torch.float32, device=device)
-    if ddp:
+    model = load_model(args.model, dtype=torch.float32, device="cpu" if fsdp else device)
+    model.config.use_cache = False
+    if args.grad_checkpointing:  # non-reentrant: the one that composes with FSDP2
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not fsdp)  # one process
+    if fsdp:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
         mesh = init_device_mesh(device.type, (world,))
-        param_dtype = torch.bfloat16 if args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda") else None
-        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        # bf16 compute, fp32 gradient reduction; the sharded parameters the optimizer sees stay fp32
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+        offload = CPUOffloadPolicy() if args.cpu_offload else OffloadPolicy()
         for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh, mp_policy=mp)
-        fully_shard(model, mesh=mesh, mp_policy=mp)
+            fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload)
+        fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload)  # moves the shards to the device
 
-    # ---- reference log-probs of pi_t, once, sharded over ranks ----------------------------------
-    model.eval()
-    ref_logps = torch.zeros(len(examples), len(examples[0]["response_ids"]))
-    share, _ = padded_share(list(range(len(examples))), rank, world)
-    with torch.no_grad():
-        local = torch.cat([batch_logps(model, [examples[i] for i in share[s:s + args.micro_batch]],
-                                       tokenizer.pad_token_id, device).cpu()
-                           for s in tqdm(range(0, len(share), args.micro_batch), desc="reference", disable=not master)])
-    if ddp:
-        gathered = [torch.zeros_like(local) for _ in range(world)]
-        dist.all_gather(gathered, local.to(device) if device.type == "cuda" else local)
-        for r, part in enumerate(gathered):
-            idx, _ = padded_share(list(range(len(examples))), r, world)
-            ref_logps[idx] = part.cpu()
-    else:
-        ref_logps[share] = local
-
-    # ---- optimizer and schedule: linear warmup, then linear decay (or constant) ---------------
+    # ---- optimizer and schedule: linear warmup, then linear decay (or constant). Built right after
+    # sharding: it must hold the sharded parameters (after a forward FSDP2's root holds unsharded ones)
     opt_cls = torch.optim.RMSprop if args.optimizer == "rmsprop" else torch.optim.AdamW
     optimizer = opt_cls(model.parameters(), lr=args.lr)
     steps_per_epoch = math.ceil(len(examples) / args.global_batch)
@@ -166,73 +262,111 @@ def main(argv=None):
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
-    # ---- training loop ------------------------------------------------------------------------
-    out = Path(args.out)
-    tmp_out = out.with_name(out.name + ".tmp")
+    # ---- reference log-probs of pi_t, once, sharded over ranks (recomputed on resume: the model
+    # at --model is pi_t, and that forward is cheaper than storing them) ------------------------
+    model.eval()
+    ref_logps = torch.zeros(len(examples), len(examples[0]["response_ids"]))
+    every = list(range(len(examples)))
+    share, _ = padded_share(every, rank, world)
+    with torch.no_grad(), autocast:
+        local = torch.cat([batch_logps(model, [examples[i] for i in share[s:s + args.micro_batch]],
+                                       tokenizer.pad_token_id, device)
+                           for s in tqdm(range(0, len(share), args.micro_batch), desc="reference", disable=not master)])
+    if fsdp:
+        gathered = [torch.zeros_like(local) for _ in range(world)]
+        dist.all_gather(gathered, local)
+        for r, part in enumerate(gathered):
+            ref_logps[padded_share(every, r, world)[0]] = part.cpu()
+    else:
+        ref_logps[share] = local.cpu()
+    if fsdp:
+        model.reshard()  # the root stays unsharded after a forward without backward
+
+    # ---- resume, or start afresh ---------------------------------------------------------------
+    start_step = 0
+    if resume is not None:
+        start_step = load_checkpoint(resume, model, optimizer, scheduler, rank)
+        if master:
+            print(f"resuming from {resume} at step {start_step} of {total_steps}", flush=True)
+    barrier()  # every rank has looked for a checkpoint before rank 0 clears the work dir
     if master:
-        shutil.rmtree(tmp_out, ignore_errors=True)
-        tmp_out.mkdir(parents=True)
-        log = open(tmp_out / "metrics.jsonl", "w")
+        if resume is None:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        metrics = work_dir / "metrics.jsonl"  # keep the lines of the steps the checkpoint holds
+        kept = [line for line in (metrics.read_text().splitlines() if metrics.exists() else [])
+                if json.loads(line)["step"] <= start_step]
+        metrics.write_text("".join(line + "\n" for line in kept))
+        log = open(metrics, "a")
+
+    # ---- training loop ------------------------------------------------------------------------
     model.train()
-    order_rng = torch.Generator().manual_seed(args.seed)
-    step, t0 = 0, time.time()
-    bar = tqdm(total=total_steps, desc="train", disable=not master)
-    for epoch in range(args.epochs):
-        order = torch.randperm(len(examples), generator=order_rng).tolist()
-        for start in range(0, len(order), args.global_batch):
-            batch_idx = order[start:start + args.global_batch]
-            share, weights = padded_share(batch_idx, rank, world)
-            stats = torch.zeros(4)  # loss sum, chosen logratio sum, rejected logratio sum, examples
-            for s in range(0, len(share), args.micro_batch):
-                micro = [examples[i] for i in share[s:s + args.micro_batch]]
-                w = torch.tensor(weights[s:s + args.micro_batch], device=device)
-                if ddp:  # reduce gradients only once per optimizer step
-                    model.set_requires_gradient_sync(s + args.micro_batch >= len(share))
+    t0 = time.time()
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", disable=not master)
+    for step in range(start_step, total_steps):
+        epoch, i = divmod(step, steps_per_epoch)
+        batch_idx = data_order(len(examples), args.seed, epoch)[i * args.global_batch:(i + 1) * args.global_batch]
+        share, weights = padded_share(batch_idx, rank, world)
+        stats = torch.zeros(4)  # loss sum, chosen logratio sum, rejected logratio sum, examples
+        for s in range(0, len(share), args.micro_batch):  # gradient accumulation over micro-batches
+            micro = [examples[j] for j in share[s:s + args.micro_batch]]
+            w = torch.tensor(weights[s:s + args.micro_batch], device=device)
+            if fsdp:  # reduce gradients only once per optimizer step
+                model.set_requires_gradient_sync(s + args.micro_batch >= len(share))
+            with autocast:
                 logratios = batch_logps(model, micro, tokenizer.pad_token_id, device) - \
                     ref_logps[share[s:s + args.micro_batch]].to(device)
-                losses = preference_loss(args.loss_type, logratios,
-                                         torch.stack([ex["P"] for ex in micro]).to(device),
-                                         torch.stack([ex["win_rate"] for ex in micro]).to(device),
-                                         torch.stack([ex["used"] for ex in micro]).to(device), args.eta, args.beta)
-                # mean over the global batch; FSDP averages gradients over ranks, hence * world
-                ((losses * w).sum() * world / len(batch_idx)).backward()
-                lr_w = logratios.detach()
-                stats += torch.stack([(losses.detach() * w).sum(), (lr_w[:, 0] * w).sum(),
-                                      (lr_w[:, -1] * w).sum(), w.sum()]).cpu()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            lr_now = scheduler.get_last_lr()[0]
-            scheduler.step()
-            step += 1
-            if ddp:
-                dist.all_reduce(stats)
-            if master:
-                n = stats[3].item()
-                log.write(json.dumps({"step": step, "epoch": epoch, "loss": stats[0].item() / n, "lr": lr_now,
-                                      "grad_norm": grad_norm.item(), "logratio_first": stats[1].item() / n,
-                                      "logratio_last": stats[2].item() / n, "elapsed": time.time() - t0}) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{stats[0].item() / n:.4g}")
-                bar.update(1)
+            losses = preference_loss(args.loss_type, logratios,
+                                     torch.stack([ex["P"] for ex in micro]).to(device),
+                                     torch.stack([ex["win_rate"] for ex in micro]).to(device),
+                                     torch.stack([ex["used"] for ex in micro]).to(device), args.eta, args.beta)
+            # mean over the global batch, not over this rank's share; FSDP averages gradients over
+            # ranks, hence * world: the gradient is the same for any number of processes
+            ((losses * w).sum() * world / len(batch_idx)).backward()
+            lr_w = logratios.detach()
+            stats += torch.stack([(losses.detach() * w).sum(), (lr_w[:, 0] * w).sum(),
+                                  (lr_w[:, -1] * w).sum(), w.sum()]).cpu()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor under FSDP2
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr_now = scheduler.get_last_lr()[0]
+        scheduler.step()
+        if fsdp:
+            dist.all_reduce(stats)
+        if master:
+            n = stats[3].item()
+            log.write(json.dumps({"step": step + 1, "epoch": epoch, "loss": stats[0].item() / n, "lr": lr_now,
+                                  "grad_norm": grad_norm.item(), "logratio_first": stats[1].item() / n,
+                                  "logratio_last": stats[2].item() / n, "elapsed": time.time() - t0}) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{stats[0].item() / n:.4g}")
+            bar.update(1)
+        if step + 1 == total_steps or (args.save_every and (step + 1) % args.save_every == 0):
+            save_checkpoint(ckpt_dir, step + 1, model, optimizer, scheduler, config, rank)
     bar.close()
 
     # ---- save pi_{t+1}: full state dict on rank 0, HF format, then rename into place ----------
-    if ddp:
+    if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if model.config.tie_word_embeddings:  # FSDP lists the tied copy too; HF files leave it out
+            state.pop("lm_head.weight", None)
     else:
         state = model.state_dict()
     if master:
         log.close()
-        model.save_pretrained(tmp_out, state_dict=state)
-        tokenizer.save_pretrained(tmp_out)
-        write_json(tmp_out / "train_info.json", dict(run_info(vars(args)), examples=len(examples), steps=step,
-                                                     responses_cut=n_cut, world_size=world))
+        final = work_dir / "model"
+        shutil.rmtree(final, ignore_errors=True)
+        model.save_pretrained(final, state_dict=state)
+        tokenizer.save_pretrained(final)
+        shutil.copy(work_dir / "metrics.jsonl", final / "metrics.jsonl")
+        write_json(final / "train_info.json", dict(run_info(config), examples=len(examples), steps=total_steps,
+                                                   resumed_from_step=start_step, responses_cut=n_cut, world_size=world))
         shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp_out, out)
-    if ddp:
+        os.replace(final, out)
+        shutil.rmtree(work_dir)  # the training checkpoint is not needed once pi_{t+1} is in place
+    if fsdp:
         dist.barrier()
         dist.destroy_process_group()
 

@@ -1,0 +1,290 @@
+"""The stages under torchrun (CPU processes, gloo): same results as one process, resume after a kill.
+
+Every multi-process run here is a real `python -m torch.distributed.run --standalone
+--nproc_per_node=2` launch of the stage script on a tiny random Llama built in a temporary dir.
+Single-process references run inside the test process (no launch: imports cost ~7 s), with one
+thread, as each torchrun rank has.
+"""
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from common import InputError, read_records, shard_of, write_records
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ["apple", "pear", "plum", "fig", "the", "a", "and", "with", "or", "fruit", "party"]
+TIMEOUT = 300  # seconds: a hang fails the test instead of blocking CI
+
+
+# ---- a tiny world: a random Llama with its tokenizer, and ranked data -----------------------------
+
+
+def ranked_records(n, K, equal, seed=0):
+    """Prompts and responses of words that are one token each (" apple"): with equal=True every
+    (prompt, response) sequence has the same length, so no batch has padding."""
+    rng = random.Random(seed)
+
+    def words(k):
+        return " " + " ".join(rng.choice(WORDS) for _ in range(k))
+    records = []
+    for i in range(n):
+        P = [[0.5] * K for _ in range(K)]
+        for a in range(K):
+            for b in range(a + 1, K):
+                P[a][b] = rng.random()
+                P[b][a] = 1.0 - P[a][b]
+        records.append({"id": i, "prompt": words(4 if equal else rng.randint(1, 8)),
+                        "responses": [words(5 if equal else rng.randint(1, 12)) for _ in range(K)],
+                        "P": P, "win_rate": [sum(row) / K for row in P]})
+    return records
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    import toy
+    from transformers import LlamaConfig, LlamaForCausalLM
+    root = tmp_path_factory.mktemp("dist")
+    corpus = ["the apple and the pear with a plum or a fig", "which fruit suits the party"] * 30
+    tok = toy.train_tokenizer(corpus, root / "model")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(root / "model")
+    for name, equal in (("equal", True), ("unequal", False)):
+        write_records(root / f"{name}.jsonl", ranked_records(23, 4, equal))
+    from common import prompt_token_ids, response_token_ids
+    lengths = {len(prompt_token_ids(tok, r["prompt"]) + response_token_ids(tok, y, False))
+               for r in read_records(root / "equal.jsonl", "ranked") for y in r["responses"]}
+    assert len(lengths) == 1, lengths  # the "equal" data really has no padding
+    return {"root": root, "model": root / "model", "runs": {}}
+
+
+def launch(script, *args, nproc=1, env=None, popen=False):
+    """Run a stage: plain python for one process, torchrun for several; OMP_NUM_THREADS=1 either way."""
+    cmd = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                               f"--nproc_per_node={nproc}"]
+    cmd += [str(ROOT / script), *map(str, args)]
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+                    PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), **(env or {}))
+    if popen:  # its own session, so the test can find and kill the whole tree
+        return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+# 23 prompts, global batch 7 = 4 + 3 per rank (one weight-0 padding example), micro-batch 3 (gradient
+# accumulation over 2 forwards), a last batch of 2, grad clipping on, RMSprop, a checkpoint every 2 steps
+TRAIN = ["--eta", "10", "--optimizer", "rmsprop", "--lr", "1e-3", "--lr_schedule", "constant", "--warmup_ratio", "0.1",
+         "--global_batch", "7", "--micro_batch", "3", "--grad_clip", "1.0", "--max_length", "64", "--save_every", "2"]
+EPOCHS = {"equal": 2, "unequal": 4}
+
+
+def train_args(tiny, data, out):
+    return ["--model", tiny["model"], "--ranked", tiny["root"] / f"{data}.jsonl", "--out", out,
+            "--epochs", EPOCHS[data], *TRAIN]
+
+
+def in_process(main, *args):
+    """A stage's main() as one process, here: saves the ~7 s a launch spends importing. One thread,
+    as each torchrun rank has."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        main([str(a) for a in args])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def trained(tiny, data, nproc, *extra):
+    """Output dir of a training run, run once per module."""
+    import train
+    key = (data, nproc, extra)
+    if key not in tiny["runs"]:
+        out = tiny["root"] / f"train-{data}-{nproc}{''.join(extra)}"
+        if nproc == 1:
+            in_process(train.main, *train_args(tiny, data, out), *extra)
+        else:
+            res = launch("train.py", *train_args(tiny, data, out), *extra, nproc=nproc)
+            assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+        tiny["runs"][key] = out
+    return tiny["runs"][key]
+
+
+def params(model_dir):
+    return load_file(str(Path(model_dir) / "model.safetensors"))
+
+
+def max_diff(a, b):
+    assert sorted(a) == sorted(b)
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def metrics(model_dir):
+    return [json.loads(line) for line in (Path(model_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---- 1. FSDP2 on 2 processes = one process on the same global batch ---------------------------------
+
+
+@pytest.mark.parametrize("data", ["equal", "unequal"])
+def test_two_processes_match_one(tiny, data):
+    one = trained(tiny, data, 1)
+    # the equal-length run also checkpoints activations: it must not change the numbers
+    two = trained(tiny, data, 2, *(["--grad_checkpointing"] if data == "equal" else []))
+    base, p1, p2 = params(tiny["model"]), params(one), params(two)
+    assert min((p1[k] - base[k]).abs().max().item() for k in base) > 1e-3  # every tensor trained
+    assert max_diff(p1, p2) < 1e-4
+    # the logged loss and pre-clip gradient norm agree too: a loss normalised per rank, or off by a
+    # constant factor (to which RMSprop and clipping are blind), would show here
+    m1, m2 = metrics(one), metrics(two)
+    assert [m["step"] for m in m1] == [m["step"] for m in m2] == list(range(1, 4 * EPOCHS[data] + 1))
+    for key in ("loss", "grad_norm"):  # step 1: same parameters, so the same numbers up to rounding
+        assert math.isclose(m1[0][key], m2[0][key], rel_tol=1e-5), (key, m1[0][key], m2[0][key])
+    for a, b in zip(m1, m2):  # later, the tiny parameter differences show in the summed log-ratios
+        for key in ("loss", "grad_norm", "logratio_first", "logratio_last"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-3, abs_tol=1e-3), (a["step"], key, a[key], b[key])
+    assert not Path(f"{two}.tmp").exists()  # the work dir and its checkpoints are gone once the model is in place
+
+
+# ---- 2. a run killed by SIGKILL resumes and ends where an uninterrupted run ends -------------------
+
+
+def process_tree(pid):
+    """pid and all its descendants, from /proc (torchrun starts each rank in a session of its own)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    return tree
+
+
+def test_killed_run_resumes_to_the_same_parameters(tiny, capsys):
+    out = tiny["root"] / "killed"
+    ckpt_dir = Path(f"{out}.tmp") / "ckpt"
+    proc = launch("train.py", *train_args(tiny, "unequal", out), nproc=2, popen=True)
+    deadline = time.time() + TIMEOUT
+    while not (ckpt_dir / f"step-{2:08d}").exists():  # the first checkpoint of 16 steps
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.005)
+    for pid in process_tree(proc.pid):  # the launcher and both ranks, at once, no clean-up
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    assert not out.exists(), "the run finished before it was killed"
+    killed_at = int(sorted(p.name for p in ckpt_dir.glob("step-*") if not p.name.endswith(".tmp"))[-1][5:])
+    assert 2 <= killed_at < 16
+
+    # another run's flags (here: 1 process instead of 2, another lr) never resume this checkpoint
+    import train
+    with pytest.raises(SystemExit) as exit_:
+        in_process(train.main, *train_args(tiny, "unequal", out), "--lr", "2e-3")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "checkpoint of a different run" in err, err[-2000:]
+    assert "lr: checkpoint 0.001, now 0.002" in err and "world_size: checkpoint 2, now 1" in err
+
+    res = launch("train.py", *train_args(tiny, "unequal", out), nproc=2)  # the same command again
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resuming from {ckpt_dir}" in res.stdout and f"at step {killed_at} of 16" in res.stdout
+    assert max_diff(params(out), params(trained(tiny, "unequal", 2))) < 1e-6  # in practice bit for bit
+    assert max_diff(params(out), params(trained(tiny, "unequal", 1))) < 1e-4
+    assert [m["step"] for m in metrics(out)] == list(range(1, 17))
+    info = json.loads((out / "train_info.json").read_text())
+    assert info["resumed_from_step"] == killed_at and info["world_size"] == 2
+
+
+def test_bad_input_stops_every_rank(tiny, tmp_path):
+    src = tmp_path / "ranked.jsonl"
+    good = ranked_records(2, 2, equal=False)
+    src.write_text(json.dumps(good[0]) + "\n" + json.dumps(dict(good[1], P=[[0.5, 1.5], [-0.5, 0.5]])) + "\n")
+    res = launch("train.py", "--model", tiny["model"], "--ranked", src, "--out", tmp_path / "m", nproc=2)
+    assert res.returncode != 0
+    assert f"error: {src}:2: field 'P'" in res.stderr  # and the launch returned: no rank hangs
+    assert not (tmp_path / "m").exists()
+
+
+# ---- 3. generate and rank on 7 prompts over 2 processes = one process, record for record -----------
+
+
+class LengthJudge:
+    """A deterministic judge for these tests: longer responses win, P = sigmoid(length difference / 4).
+
+    `path` is a log file: each judged prompt is appended, so a test can see what was redone.
+    With FAIL_ON=<prompt> in the environment it waits a moment (the other rank finishes its shard)
+    and then fails on that prompt, as a crash would.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def preferences(self, prompts, responses):
+        with open(self.path, "a") as f:
+            f.writelines(p + "\n" for p in prompts)
+        if os.environ.get("FAIL_ON") in prompts:
+            time.sleep(3)
+            raise InputError(f"judge failed on {os.environ['FAIL_ON']!r}")
+        return [([[1.0 / (1.0 + math.exp((len(b) - len(a)) / 4)) for b in ys] for a in ys], [len(a) for a in ys])
+                for ys in responses]
+
+
+PROMPTS = [{"id": f"p{i}", "prompt": " ".join(WORDS[:1 + (3 * i) % len(WORDS)]), "extra": i} for i in range(7)]
+
+
+def test_shard_of_covers_every_record_once():
+    for n in range(0, 20):
+        for world in range(1, 9):
+            shards = [shard_of(list(range(n)), r, world) for r in range(world)]
+            assert sum(shards, []) == list(range(n))
+            assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_generate_and_rank_sharded_equal_single(tiny, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    write_records(prompts, PROMPTS)
+    gen = ["--model", tiny["model"], "--prompts", prompts, "--K", "3", "--max_new_tokens", "6",
+           "--batch_size", "2", "--seed", "5"]
+    import generate
+    import rank
+    in_process(generate.main, *gen, "--out", tmp_path / "responses1.jsonl")
+    res = launch("generate.py", *gen, "--out", tmp_path / "responses2.jsonl", nproc=2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    one, two = (read_records(tmp_path / f"responses{n}.jsonl", "responses", K=3) for n in (1, 2))
+    assert one == two and [r["id"] for r in two] == [p["id"] for p in PROMPTS]
+    assert len({y for r in one for y in r["responses"]}) > 3  # it really sampled
+
+    log = tmp_path / "judged.txt"
+    judge = ["--responses", tmp_path / "responses1.jsonl", "--judge", "test_distributed:LengthJudge", "--judge_path", log]
+    in_process(rank.main, *judge, "--out", tmp_path / "ranked1.jsonl")
+    # rank 1 (prompts p3..p6) crashes on p5 after rank 0 wrote its shard: every rank exits, non-zero
+    log.unlink()
+    out = tmp_path / "ranked2.jsonl"
+    res = launch("rank.py", *judge, "--out", out, nproc=2, env={"FAIL_ON": PROMPTS[5]["prompt"]})
+    assert res.returncode != 0 and "judge failed on" in res.stderr and not out.exists()
+    assert len(list(Path(f"{out}.shards").glob("*-00000-of-00002.jsonl"))) == 1
+    # the same command again judges only the unfinished shard
+    log.unlink()
+    res = launch("rank.py", *judge, "--out", out, nproc=2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(log.read_text().splitlines()) == sorted(p["prompt"] for p in PROMPTS[3:])
+    assert read_records(out, "ranked") == read_records(tmp_path / "ranked1.jsonl", "ranked")
+    assert not Path(f"{out}.shards").exists()

@@ -1,0 +1,122 @@
+"""Prompt sources, the vLLM call (a contract test against a fake module), presets and the dry run."""
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import generate
+from common import InputError, load_prompts, load_tokenizer, prompt_token_ids, write_records
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAT = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Which fruit suits the picnic?"}]
+
+
+def test_prompts_from_jsonl_and_from_a_saved_dataset(tmp_path):
+    import datasets
+    rows = [{"id": "a", "prompt": "Which fruit suits None?", "source": "x"}, {"id": "b", "prompt": CHAT, "source": "y"}]
+    write_records(tmp_path / "p.jsonl", rows)
+    assert load_prompts(tmp_path / "p.jsonl") == rows
+    # a directory written by datasets.save_to_disk: the stand-in for a hub dataset
+    ds = datasets.DatasetDict({"train": datasets.Dataset.from_list(
+        [{"prompt_id": "p0", "prompt": "Pick a colour."}, {"prompt_id": "p1", "prompt": "Name a tool."}])})
+    ds.save_to_disk(str(tmp_path / "ds"))
+    got = load_prompts(tmp_path / "ds", split="train")
+    assert [(r["id"], r["prompt"]) for r in got] == [("p0", "Pick a colour."), ("p1", "Name a tool.")]
+    # another column, no ids: ids from the row number
+    datasets.Dataset.from_list([{"question": "Q1"}, {"question": "Q2"}]).save_to_disk(str(tmp_path / "q"))
+    got = load_prompts(tmp_path / "q", column="question")
+    assert [(r["id"], r["prompt"]) for r in got] == [("q-0", "Q1"), ("q-1", "Q2")]
+    with pytest.raises(InputError, match="'prompt': missing"):
+        load_prompts(tmp_path / "q")
+    with pytest.raises(InputError, match="no split 'test'"):
+        load_prompts(tmp_path / "ds", split="test")
+
+
+def test_chat_format_prompt_goes_through_the_template(toy_world):
+    tok = load_tokenizer(toy_world["model"])
+    ids = prompt_token_ids(tok, CHAT)
+    text = tok.decode(ids)
+    assert ids.count(tok.bos_token_id) == 1
+    assert text.index("Answer in one word.") < text.index("Which fruit suits the picnic?")
+
+
+def fake_vllm(calls, finish=("stop", "length")):
+    """A stand-in for the `vllm` module that records what our code passes (vllm 0.33.0 API)."""
+    mod = types.ModuleType("vllm")
+
+    class SamplingParams:
+        def __init__(self, **kw):
+            self.kw = kw
+
+    class LLM:
+        def __init__(self, **kw):
+            calls["llm"] = kw
+
+        def generate(self, prompts, sampling_params, use_tqdm=True):
+            calls["prompts"], calls["params"] = prompts, sampling_params
+            outs = []
+            for p, sp in zip(prompts, sampling_params):
+                n = sp.kw["n"]
+                completions = [types.SimpleNamespace(text=f"r{k}", token_ids=[5, 6], finish_reason=finish[k % 2])
+                               for k in range(n)]
+                outs.append(types.SimpleNamespace(prompt_token_ids=p["prompt_token_ids"], outputs=completions))
+            return outs
+
+    mod.LLM, mod.SamplingParams, mod.TokensPrompt = LLM, SamplingParams, dict
+    return mod
+
+
+def test_vllm_contract(monkeypatch, toy_world):
+    """Contract test: the arguments our vLLM path passes, checked against a fake `vllm` module."""
+    calls = {}
+    monkeypatch.setitem(sys.modules, "vllm", fake_vllm(calls))
+    tok = load_tokenizer(toy_world["model"])
+    records = [{"id": "a", "prompt": "Which None suits the picnic?"}, {"id": 7, "prompt": CHAT}]
+    out = generate.generate_responses_vllm(toy_world["model"], tok, records, K=4, temperature=0.7, top_p=0.9,
+                                           top_k=0, max_new_tokens=33, seed=5)
+    assert calls["llm"]["model"] == str(toy_world["model"]) and calls["llm"].get("trust_remote_code", False) is False
+    for rec, prompt, sp in zip(records, calls["prompts"], calls["params"]):
+        assert prompt["prompt_token_ids"] == prompt_token_ids(tok, rec["prompt"])  # ids, so no second BOS
+        assert prompt["prompt_token_ids"].count(tok.bos_token_id) == 1
+        assert sp.kw["n"] == 4 and sp.kw["max_tokens"] == 33 and sp.kw["temperature"] == 0.7
+        assert sp.kw["top_p"] == 0.9 and sp.kw["top_k"] == 0
+        assert sp.kw["seed"] == generate.row_seed(5, rec["id"], 0) % 2**31  # per prompt: batch-independent
+        assert tok.eos_token_id in sp.kw["stop_token_ids"]
+    assert out[0]["responses"] == ["r0", "r1", "r2", "r3"]
+    assert out[0]["truncated"] == [False, True, False, True] and out[1]["prompt"] == CHAT
+
+
+def test_dry_run_of_a_paper_preset_prints_config_and_commands(tmp_path):
+    res = subprocess.run([sys.executable, "iterate.py", "--preset", "mistral-7b", "--dry-run", "--run_dir", str(tmp_path / "r")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    config = json.loads(res.stdout[:res.stdout.index("\n}\n") + 2])
+    assert config["model"] == "mistralai/Mistral-7B-Instruct-v0.2" and config["eta"] == 1000.0 and config["K"] == 5
+    assert config["lr"] == 5e-7 and config["global_batch"] == 64 and config["judge"] == "pairrm"
+    assert config["prompts"].startswith("UCLA-AGI/data-mistral-7b-instruct-sppo-iter1")
+    assert res.stdout.count("generate.py") == 3 and res.stdout.count("train.py") == 3
+    assert not (tmp_path / "r").exists()  # nothing written, nothing downloaded
+
+
+def test_prompt_slices_and_alpaca_eval_export(tmp_path):
+    import argparse
+
+    import iterate
+    rows = [{"id": i, "prompt": f"q{i}"} for i in range(7)]
+    for n in range(3):
+        write_records(tmp_path / f"p{n}.jsonl", rows[n::3])
+    args = argparse.Namespace(prompts=str(tmp_path / "p0.jsonl"), prompt_split="train", prompt_column="prompt", iterations=3)
+    whole = [{"id": i, "prompt": f"q{i}"} for i in (0, 3, 6)]
+    assert iterate.prompt_slices(args) == [whole[:1], whole[1:2], whole[2:]]  # one source: split, none dropped
+    args.prompts = ",".join(str(tmp_path / f"p{n}.jsonl") for n in range(3))
+    assert iterate.prompt_slices(args) == [rows[0::3], rows[1::3], rows[2::3]]  # one source per iteration
+    args.prompts = ",".join(str(tmp_path / f"p{n}.jsonl") for n in range(2))
+    with pytest.raises(InputError, match="2 sources for 3 iterations"):
+        iterate.prompt_slices(args)
+    write_records(tmp_path / "r.jsonl", [{"id": "a", "prompt": CHAT, "responses": ["apple"], "truncated": [False]}])
+    iterate.export_alpaca_eval(tmp_path / "r.jsonl", tmp_path / "model_outputs.json", "run-iter1")
+    assert json.loads((tmp_path / "model_outputs.json").read_text()) == [
+        {"instruction": "Which fruit suits the picnic?", "output": "apple", "generator": "run-iter1"}]
