@@ -117,6 +117,7 @@ def sft_base_model(model, tokenizer, records, steps=150, batch_prompts=64, lr=3e
     base = torch.tensor(BASE_POLICY)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
+    loss = torch.tensor(float("nan"))
     for step in range(steps):
         batch = rng.sample(records, batch_prompts)
         logps = answer_logps(model, tokenizer, [r["prompt"] for r in batch], [FAMILIES[r["family"]][0] for r in batch])

@@ -1,0 +1,92 @@
+"""train.py on 1 and 2 CPU processes (FSDP2, gloo): step time and peak RSS per rank. Not a test.
+
+    python bench/bench_fsdp.py [--steps 6]
+
+The ~20.6M-parameter Llama of the benches (_util.model_20m: hidden 256, 4 layers, vocab 32000,
+untied head; 16.4M of it embeddings), synthetic ranked data of ~256-token sequences, and
+train.py itself, run in this script's process (`--worker`) so each rank can report its own
+peak RSS: as one process, and under `torchrun --standalone --nproc_per_node=2`. Same global
+batch either way: 8 prompts x (chosen, rejected) = 16 sequences per optimizer step. One process
+runs with 1 thread and with both cores (2 threads); torchrun gives each rank 1 thread
+(OMP_NUM_THREADS=1). Run it on an otherwise idle machine: with 2 OpenMP threads, any other busy
+process makes every parallel op wait for a descheduled thread (10x slower steps seen). Step time
+is the median of the logged step-to-step times, the first step not counted. Prints a table and
+appends one line per run to bench/results.jsonl.
+"""
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _util  # noqa: E402  (sets HF_HUB_OFFLINE, sys.path)
+
+BENCH = "fsdp"
+
+
+def ranked_data(path, n_prompts, seed=0):
+    """Prompts of 6 words and 4 responses of 56 words (~4 toy tokens a word): ~256-token sequences."""
+    from common import write_records
+    rng = random.Random(seed)
+    write_records(path, [{"id": i, "prompt": _util.random_text(rng, 6),
+                          "responses": [" " + _util.random_text(rng, 56) for _ in range(4)],
+                          "P": [[0.5] * 4 for _ in range(4)], "win_rate": [rng.random() for _ in range(4)]}
+                         for i in range(n_prompts)])
+
+
+def worker(argv):
+    """One rank: train.py's main, then this process's peak RSS to OUT.rss<rank>."""
+    import train
+    train.main(argv)
+    out = argv[argv.index("--out") + 1]
+    Path(f"{out}.rss{os.environ.get('RANK', 0)}").write_text(str(_util.peak_rss_mib()))
+
+
+def main():
+    if "--worker" in sys.argv:
+        return worker(sys.argv[sys.argv.index("--worker") + 1:])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=6, help="optimizer steps; the first is not timed")
+    args = ap.parse_args()
+    _util.header("train.py under torchrun: FSDP2 on CPU processes")
+    model = _util.model_20m(_util.toy_world()["model"])
+    root = Path(tempfile.mkdtemp(prefix="bench_fsdp_"))
+    ranked_data(root / "ranked.jsonl", 8 * args.steps)
+    import train
+    from common import load_tokenizer, read_records
+    examples, _ = train.build_examples(read_records(root / "ranked.jsonl", "ranked"), load_tokenizer(model), "sppo", 64, 320)
+    tokens_per_step = sum(len(ex["prompt_ids"]) + len(r) for ex in examples for r in ex["response_ids"]) / args.steps
+    rows = []
+    for world, threads in ((1, 1), (1, 2), (2, 1)):
+        out = root / f"out{world}"
+        train_args = ["--model", str(model), "--ranked", str(root / "ranked.jsonl"), "--out", str(out),
+                      "--global_batch", "8", "--micro_batch", "8", "--lr", "1e-5", "--max_length", "320",
+                      "--max_prompt_length", "64", "--dtype", "float32"]
+        launch = [sys.executable] if world == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                      f"--nproc_per_node={world}"]
+        load_before = _util.load_avg()
+        t0 = time.time()
+        subprocess.run(launch + [__file__, "--worker"] + train_args, check=True, cwd=_util.ROOT,
+                       env=dict(os.environ, OMP_NUM_THREADS=str(threads)), stdout=subprocess.DEVNULL)
+        wall = time.time() - t0
+        elapsed = [json.loads(line)["elapsed"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        steps = [b - a for a, b in zip(elapsed, elapsed[1:])]
+        rss = [float(Path(f"{out}.rss{r}").read_text()) for r in range(world)]
+        step_s = statistics.median(steps)
+        rows.append([world, threads, step_s, min(steps), tokens_per_step / step_s, " / ".join(f"{r:.0f}" for r in rss), wall])
+        _util.record(BENCH, "train_step", processes=world, threads_per_rank=threads, step_s=step_s,
+                     step_s_min=min(steps), steps_timed=len(steps), peak_rss_mib_per_rank=rss, run_wall_s=wall,
+                     sequences_per_step=16, tokens_per_step=tokens_per_step, load_avg_before=load_before)
+    print(f"{tokens_per_step:.0f} tokens per step (16 sequences)")
+    print(_util.table(["processes", "threads/rank", "step s (median)", "step s (min)", "tokens/s",
+                       "peak RSS MiB per rank", "run wall s"], rows))
+
+
+if __name__ == "__main__":
+    main()
