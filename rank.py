@@ -92,10 +92,10 @@ class PairRMJudge:
     Length limits, as PairRM itself does them (its collator, unchanged): the prompt is cut to
     `source_maxlength` tokens, and each response to `candidate_maxlength` tokens plus half the
     prompt room left unused (both counts include PairRM's 3 marker/special tokens; the tail is
-    dropped). All K(K-1) pairs of one prompt are tokenised together, so a response is cut at the
-    same token in every pair and both orders, exactly as the official code (one prompt per
-    batch) cuts it; the forwards then pack pairs of many prompts. `max_length` overrides
-    `candidate_maxlength`.
+    dropped). Each prompt's K responses are tokenised together, once, so a response is cut at
+    the same token in every pair and both orders, exactly as the official code (one prompt per
+    batch) cuts it; the K(K-1) ordered pairs are then built by indexing, and the forwards pack
+    pairs of many prompts, sorted by length. `max_length` overrides `candidate_maxlength`.
     """
 
     def __init__(self, path=None, p_mode="pairwise", max_length=None, batch_size=32, device="cpu"):
@@ -131,26 +131,30 @@ class PairRMJudge:
     def pair_logits(self, prompts, responses):
         """M[b][i, j]: PairRM's logit that y_i beats y_j, y_i shown first; diagonal 0. -> [B, K, K]."""
         B, K = len(prompts), len(responses[0])
-        pairs = [(i, j) for i in range(K) for j in range(K) if i != j]
+        pairs = torch.tensor([(i, j) for i in range(K) for j in range(K) if i != j])  # [n, 2]
+        n = len(pairs)
         per_prompt = []
-        for x, ys in zip(prompts, responses):  # tokenise prompt by prompt: PairRM's per-prompt length budget
-            features = self.collator([{"source": x, "candidates": [ys[i], ys[j]]} for i, j in pairs])
+        for x, ys in zip(prompts, responses):  # each response tokenised once, under its prompt's length budget
+            features = self.collator([{"source": x, "candidates": ys}])
             self._count_cut(ys, features)
             per_prompt.append(features)
         pad = self.blender.ranker_tokenizer.pad_token_id
-        source_ids = _pad_cat([f["source_ids"] for f in per_prompt], pad)
-        source_mask = _pad_cat([f["source_attention_mask"] for f in per_prompt], 0)
-        cand_ids = _pad_cat([f["candidate_ids"] for f in per_prompt], pad)
-        cand_mask = _pad_cat([f["candidate_attention_mask"] for f in per_prompt], 0)
-        logits = []
-        for s in range(0, len(source_ids), self.batch_size):  # pairs of many prompts per forward
-            inputs = [t[s:s + self.batch_size].to(self.device) for t in (
-                source_ids, source_mask, cand_ids[:, 0], cand_mask[:, 0], cand_ids[:, 1], cand_mask[:, 1])]
-            out = self.blender.ranker._forward(*inputs)  # (source, left response, right response)
-            logits.append(out["logits"].float().cpu())
+        source_ids = _pad_cat([f["source_ids"].expand(n, -1) for f in per_prompt], pad)  # [B n, Ls]
+        source_mask = _pad_cat([f["source_attention_mask"].expand(n, -1) for f in per_prompt], 0)
+        cand_ids = _pad_cat([f["candidate_ids"][0] for f in per_prompt], pad).view(B, K, -1)  # [B, K, Lc]
+        cand_mask = _pad_cat([f["candidate_attention_mask"][0] for f in per_prompt], 0).view(B, K, -1)
+        left, right = pairs[:, 0], pairs[:, 1]  # the K(K-1) ordered pairs by indexing: [B n, Lc] each
+        inputs = (source_ids, source_mask, cand_ids[:, left].flatten(0, 1), cand_mask[:, left].flatten(0, 1),
+                  cand_ids[:, right].flatten(0, 1), cand_mask[:, right].flatten(0, 1))
+        # pairs of similar length share a forward (PairRM trims all-pad columns): less padding
+        order = (source_mask.sum(-1) + inputs[3].sum(-1) + inputs[5].sum(-1)).argsort(stable=True)
+        logits = torch.empty(B * n, dtype=torch.float64)
+        for s in range(0, B * n, self.batch_size):  # pairs of many prompts per forward
+            rows = order[s:s + self.batch_size]
+            out = self.blender.ranker._forward(*(t[rows].to(self.device) for t in inputs))  # (source, left, right)
+            logits[rows] = out["logits"].double().cpu()
         M = torch.zeros(B, K, K, dtype=torch.float64)
-        idx_i, idx_j = torch.tensor(pairs).T
-        M[:, idx_i, idx_j] = torch.cat(logits).double().view(B, len(pairs))
+        M[:, left, right] = logits.view(B, n)
         return M
 
     def preferences(self, prompts, responses):

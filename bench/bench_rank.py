@@ -47,44 +47,33 @@ def make_records(n, K, seed=0):
              "truncated": [False] * K} for i in range(n)]
 
 
-class PairRMJudgeTokOnce(rank.PairRMJudge):
-    """Proposed change to rank.PairRMJudge.pair_logits: tokenise each prompt's K responses once
-    (one collator call with all K candidates; the same length budget, so the same ids) and build
-    the K(K-1) ordered pairs by indexing, instead of tokenising 2K(K-1) candidate texts.
-    sort_by_length: also order the pairs of a call by length before cutting forward batches."""
-
-    sort_by_length = False
+class PairRMJudgeBefore(rank.PairRMJudge):
+    """rank.PairRMJudge.pair_logits as it was before optimisation P3 (commit 44a852b), kept for the
+    before/after row: PairRM's collator on K(K-1) two-candidate items per prompt, so every
+    response is tokenised 2(K-1) times; forward batches in pair order, not sorted by length."""
 
     @torch.no_grad()
     def pair_logits(self, prompts, responses):
         B, K = len(prompts), len(responses[0])
-        pairs = torch.tensor([(i, j) for i in range(K) for j in range(K) if i != j])
-        feats = []
+        pairs = [(i, j) for i in range(K) for j in range(K) if i != j]
+        per_prompt = []
         for x, ys in zip(prompts, responses):
-            f = self.collator([{"source": x, "candidates": ys}])
-            self._count_cut(ys, f)
-            feats.append(f)
+            features = self.collator([{"source": x, "candidates": [ys[i], ys[j]]} for i, j in pairs])
+            self._count_cut(ys, features)
+            per_prompt.append(features)
         pad = self.blender.ranker_tokenizer.pad_token_id
-        n = len(pairs)
-        source_ids = rank._pad_cat([f["source_ids"].expand(n, -1) for f in feats], pad)
-        source_mask = rank._pad_cat([f["source_attention_mask"].expand(n, -1) for f in feats], 0)
-        cand_ids = rank._pad_cat([f["candidate_ids"][0] for f in feats], pad).view(B, K, -1)
-        cand_mask = rank._pad_cat([f["candidate_attention_mask"][0] for f in feats], 0).view(B, K, -1)
-        left_ids, right_ids = cand_ids[:, pairs[:, 0]].flatten(0, 1), cand_ids[:, pairs[:, 1]].flatten(0, 1)
-        left_mask, right_mask = cand_mask[:, pairs[:, 0]].flatten(0, 1), cand_mask[:, pairs[:, 1]].flatten(0, 1)
-        tensors = (source_ids, source_mask, left_ids, left_mask, right_ids, right_mask)
-        order = torch.arange(len(source_ids))
-        if self.sort_by_length:  # similar lengths share a forward: less padding (_forward trims pad columns)
-            order = (source_mask.sum(-1) + left_mask.sum(-1) + right_mask.sum(-1)).argsort(stable=True)
+        source_ids = rank._pad_cat([f["source_ids"] for f in per_prompt], pad)
+        source_mask = rank._pad_cat([f["source_attention_mask"] for f in per_prompt], 0)
+        cand_ids = rank._pad_cat([f["candidate_ids"] for f in per_prompt], pad)
+        cand_mask = rank._pad_cat([f["candidate_attention_mask"] for f in per_prompt], 0)
         logits = []
-        for s in range(0, len(order), self.batch_size):
-            idx = order[s:s + self.batch_size]
-            inputs = [t[idx].to(self.device) for t in tensors]
+        for s in range(0, len(source_ids), self.batch_size):
+            inputs = [t[s:s + self.batch_size].to(self.device) for t in (
+                source_ids, source_mask, cand_ids[:, 0], cand_mask[:, 0], cand_ids[:, 1], cand_mask[:, 1])]
             logits.append(self.blender.ranker._forward(*inputs)["logits"].float().cpu())
-        flat = torch.empty(len(order), dtype=torch.float64)
-        flat[order] = torch.cat(logits).double()
         M = torch.zeros(B, K, K, dtype=torch.float64)
-        M[:, pairs[:, 0], pairs[:, 1]] = flat.view(B, n)
+        idx_i, idx_j = torch.tensor(pairs).T
+        M[:, idx_i, idx_j] = torch.cat(logits).double().view(B, len(pairs))
         return M
 
 
@@ -145,7 +134,7 @@ def main():
     ap.add_argument("--reps", type=int, default=12, help="interleaved rounds; each ranks one chunk of prompts")
     ap.add_argument("--chunk", type=int, default=16, help="prompts per timed call (rounds cycle over the prompts)")
     ap.add_argument("--judge_batch_size", type=int, default=32, help="rank.py's --judge_batch_size (pairs per forward)")
-    ap.add_argument("--big_batch", type=int, default=256, help="a larger judge batch for the proposed variant")
+    ap.add_argument("--big_batch", type=int, default=256, help="a larger judge batch, for comparison")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     _util.header("bench_rank: rank.py --judge pairrm vs llm-blender rank(..., batch_size=1)")
@@ -153,32 +142,28 @@ def main():
     warnings.filterwarnings("ignore")
     path = tiny_ranker()
     judge = rank.PairRMJudge(path, p_mode="scores", batch_size=args.judge_batch_size)
-    judge_once = PairRMJudgeTokOnce(path, p_mode="scores", batch_size=args.judge_batch_size)
-    judge_once.blender = judge.blender  # the very same ranker weights and tokenizer
-    judge_once.collator = judge.collator
-    judge_big = PairRMJudgeTokOnce.__new__(PairRMJudgeTokOnce)
-    judge_big.__dict__.update(judge_once.__dict__, batch_size=args.big_batch)
-    judge_sorted = PairRMJudgeTokOnce.__new__(PairRMJudgeTokOnce)
-    judge_sorted.__dict__.update(judge_once.__dict__, sort_by_length=True)
+    judge_before = PairRMJudgeBefore.__new__(PairRMJudgeBefore)  # the very same ranker weights and tokenizer
+    judge_before.__dict__.update(judge.__dict__)
+    judge_big = rank.PairRMJudge.__new__(rank.PairRMJudge)
+    judge_big.__dict__.update(judge.__dict__, batch_size=args.big_batch)
     records = make_records(args.prompts, args.K)
     comparisons = args.chunk * args.K * (args.K - 1)  # per timed call
 
-    # agreement: the official scores, ours, and the proposed variant
+    # agreement: the official scores, ours now, ours before P3
     off = torch.tensor(official(judge, records), dtype=torch.float64)
     mine = torch.tensor([r["scores"] for r in ours(judge, records)], dtype=torch.float64)
-    once = torch.tensor([r["scores"] for r in ours(judge_once, records)], dtype=torch.float64)
-    srt = torch.tensor([r["scores"] for r in ours(judge_sorted, records)], dtype=torch.float64)
+    before = torch.tensor([r["scores"] for r in ours(judge_before, records)], dtype=torch.float64)
     agree = (off - mine).abs().max().item()
-    agree_once = max((mine - once).abs().max().item(), (mine - srt).abs().max().item())
+    agree_before = (mine - before).abs().max().item()
 
     if args.profile:
         total, spent = profile(judge, records)
-        total2, spent2 = profile(judge_once, records)
+        total2, spent2 = profile(judge_before, records)
         rows = [[k, spent[k], spent[k] / total, spent2[k], spent2[k] / total2] for k in spent]
-        print(f"rank.py judge on {args.prompts} prompts x K={args.K}: {total:.3f} s now, {total2:.3f} s tokenising once")
-        print(_util.table(["part", "now s", "share", "tokenise once s", "share"], rows))
+        print(f"rank.py judge on {args.prompts} prompts x K={args.K}: {total:.3f} s now, {total2:.3f} s before P3")
+        print(_util.table(["part", "now s", "share", "before P3 s", "share"], rows))
         _util.record(BENCH, "profile", prompts=args.prompts, K=args.K, total_s=total, spent=spent,
-                     total_tok_once_s=total2, spent_tok_once=spent2)
+                     total_before_p3_s=total2, spent_before_p3=spent2)
         return
 
     chunks = [records[i:i + args.chunk] for i in range(0, len(records), args.chunk)]
@@ -190,10 +175,9 @@ def main():
         return chunks[cur["i"]]
     fns = {
         "llm-blender rank(batch_size=1) [official]": lambda: official(judge, chunk(advance=True)),
-        f"rank.py PairRMJudge (judge_batch_size {args.judge_batch_size})": lambda: ours(judge, chunk()),
-        "proposed: tokenise K responses once": lambda: ours(judge_once, chunk()),
-        f"proposed: tokenise once + judge_batch_size {args.big_batch}": lambda: ours(judge_big, chunk()),
-        "proposed: tokenise once + sort pairs by length": lambda: ours(judge_sorted, chunk()),
+        f"rank.py PairRMJudge (judge_batch_size {args.judge_batch_size}) [now]": lambda: ours(judge, chunk()),
+        f"rank.py PairRMJudge (judge_batch_size {args.big_batch})": lambda: ours(judge_big, chunk()),
+        "rank.py before P3 (per-pair tokenisation, judge_batch_size 32)": lambda: ours(judge_before, chunk()),
         "llm-blender rank(batch_size=16)": lambda: judge.blender.rank(
             [r["prompt"] for r in chunk()], [r["responses"] for r in chunk()], return_scores=True, batch_size=16,
             disable_tqdm=True),
@@ -208,9 +192,9 @@ def main():
         rows.append([name, t, comparisons / t, per_rep, base / t])
         _util.record(BENCH, name, prompts=args.prompts, K=args.K, comparisons=comparisons, seconds=t, times=ts,
                      comparisons_per_s=comparisons / t, speedup_vs_official=base / t, speedup_per_rep_median=per_rep,
-                     max_abs_score_diff_vs_official=agree, max_abs_score_diff_tok_once=agree_once)
+                     max_abs_score_diff_vs_official=agree, max_abs_score_diff_before_p3=agree_before)
     print(f"{args.reps} rounds, each one chunk of {args.chunk} prompts x K={args.K} = {comparisons} comparisons; max |score diff| "
-          f"ours vs official {agree:.2e}, proposed variants vs ours {agree_once:.2e}")
+          f"ours vs official {agree:.2e}, ours before P3 vs now {agree_before:.2e}")
     print(_util.table(["implementation", "seconds per chunk (median)", "comparisons/s",
                        "speedup vs official (median of per-round ratios)", "ratio of medians"], rows))
 
