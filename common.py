@@ -4,6 +4,7 @@ and the split of a stage's records over torchrun's processes.
 Kept small on purpose: one place for each idea that more than one stage needs.
 """
 import hashlib
+import inspect
 import json
 import os
 import platform
@@ -247,14 +248,20 @@ def sequence_logps(model, batch) -> torch.Tensor:
     """Summed log pi(response | prompt) per sequence: batch from `collate` -> [N] (fp32).
 
     Token t is scored from position t-1; a target counts only if it is a response token and
-    the position predicting it is real (never a pad), whatever the padding side.
+    the position predicting it is real (never a pad), whatever the padding side. The LM head
+    runs only from the first position that predicts a response token (`logits_to_keep`), and
+    log-softmax only at the positions that count (cross_entropy: log-softmax and gather fused).
     """
+    predicts = (batch["response_mask"][:, 1:] * batch["attention_mask"][:, :-1]).bool()  # [N, L-1]: t predicts t+1
+    first = int(predicts.any(0).int().argmax())  # 0 if no response token at all: then nothing counts
+    keep = predicts.shape[1] - first + 1  # positions first .. L-1; the last one predicts nothing
+    kwargs = {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"], use_cache=False).logits[:, :-1]
-    targets = batch["input_ids"][:, 1:]
-    mask = (batch["response_mask"][:, 1:] * batch["attention_mask"][:, :-1]).to(torch.float32)
-    token_logps = torch.gather(F.log_softmax(logits.float(), dim=-1), 2, targets.unsqueeze(-1)).squeeze(-1)
-    return (token_logps * mask).sum(-1)
+                   position_ids=batch["position_ids"], use_cache=False, **kwargs).logits[:, -keep:-1]
+    mask = predicts[:, first:]
+    token_logps = -F.cross_entropy(logits[mask].float(), batch["input_ids"][:, first + 1:][mask], reduction="none")
+    rows = mask.nonzero(as_tuple=True)[0]
+    return torch.zeros(len(mask), dtype=torch.float32, device=token_logps.device).index_add(0, rows, token_logps)
 
 
 # ---- processes: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python is rank 0 of 1 -----

@@ -13,9 +13,17 @@ checkpoint, see train.py). The run directory keeps the full config, seeds and li
 """
 import argparse
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+# CPU threads wait for work by sleeping, not spinning: on a machine shared with other jobs
+# spinning threads fight them for the cores (a toy iteration 3-4x slower), and on an idle one it
+# gains nothing measurable (BENCHMARKS.md, section 5). Set before torch loads libgomp; every stage
+# process inherits it; OMP_WAIT_POLICY=ACTIVE in the environment overrides it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from common import (InputError, atomic_write, fail_with, load_prompts, prompt_text, read_records, run_info, write_json,
                     write_records)
@@ -30,7 +38,7 @@ PRESETS = {
                   max_length=1024),
     # The toy world: see NOTES.md for why eta=10, lr=1e-4 and 5 epochs.
     "toy": dict(K=5, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=16, eta=10.0, lr=1e-4,
-                lr_schedule="constant", epochs=5, global_batch=32, micro_batch=32, max_prompt_length=64,
+                lr_schedule="constant", epochs=5, global_batch=32, micro_batch=8, max_prompt_length=64,
                 max_length=96),
 }
 # The official runs (uclaml/SPPO run_sppo_*.sh): all three models use the same three UltraFeedback
@@ -80,10 +88,22 @@ def parse_args(argv=None):
     return args
 
 
-def run(cmd, dry_run):
+def run(cmd, dry_run, timings=None, **where):
+    """Run one stage; its wall time goes to `timings` (a JSONL file) with `where` (iteration, stage)."""
     print("+ " + " ".join(str(c) for c in cmd), flush=True)
     if not dry_run:
+        t0 = time.time()
         subprocess.run([str(c) for c in cmd], check=True, cwd=HERE)
+        if timings is not None:
+            log_time(timings, t0, **where)
+
+
+def log_time(timings, t0, **where):
+    """Append {where..., seconds} to the run's timings.jsonl and say it."""
+    entry = dict(where, seconds=round(time.time() - t0, 2))
+    print(f"[time] {' '.join(str(v) for v in where.values())}: {entry['seconds']:.1f} s", flush=True)
+    with open(timings, "a") as f:
+        f.write(json.dumps(entry) + "\n")
 
 
 def launcher(nproc):
@@ -121,10 +141,16 @@ def split_prompts(records, parts):
 def main(argv=None):
     args = parse_args(argv)
     run_dir = args.run_dir.resolve()
+    timings = run_dir / "timings.jsonl"  # wall time of every stage run, appended (a resumed run adds its own)
+    start = time.time()
     world = None
     if args.model is None:  # the embedded default: a tiny model, prompts and a judge built here
         import toy
-        world = toy.build_world(run_dir / "world", seed=args.seed) if not args.dry_run else None
+        if not args.dry_run:
+            t0 = time.time()
+            run_dir.mkdir(parents=True, exist_ok=True)
+            world = toy.build_world(run_dir / "world", seed=args.seed)
+            log_time(timings, t0, iteration=0, stage="build_world")
         paths = world or {"model": run_dir / "world/base_model", "train_prompts": run_dir / "world/train_prompts.jsonl",
                           "world": run_dir / "world/world.json"}
         args.model, args.prompts = str(paths["model"]), str(paths["train_prompts"])
@@ -146,7 +172,8 @@ def main(argv=None):
         if args.dry_run or not out.exists():
             run(launcher(args.nproc_per_node) + [
                 HERE / "generate.py", "--model", model_dir, "--prompts", run_dir / "eval_prompts.jsonl", "--out", out,
-                "--K", 1, "--temperature", 0, "--max_new_tokens", args.max_new_tokens] + backend, args.dry_run)
+                "--K", 1, "--temperature", 0, "--max_new_tokens", args.max_new_tokens] + backend, args.dry_run,
+                timings, iteration=t, stage="export")
         if not args.dry_run:
             export_alpaca_eval(out, run_dir / f"iter{t}" / "model_outputs.json", f"{run_dir.name}-iter{t}")
     backend = ["--backend", args.backend] if args.backend else []
@@ -164,30 +191,35 @@ def main(argv=None):
             run(launcher(args.nproc_per_node) + [
                 HERE / "generate.py", "--model", models[-1], "--prompts", prompts, "--out", responses,
                 "--K", args.K, "--temperature", args.temperature, "--top_p", args.top_p, "--top_k", args.top_k,
-                "--max_new_tokens", args.max_new_tokens, "--seed", args.seed * 1000 + t] + backend, args.dry_run)
+                "--max_new_tokens", args.max_new_tokens, "--seed", args.seed * 1000 + t] + backend, args.dry_run,
+                timings, iteration=t, stage="generate")
         if args.dry_run or not ranked.exists():
             run(launcher(args.nproc_per_node) + [
                 HERE / "rank.py", "--responses", responses, "--out", ranked, "--judge", args.judge]
                 + (["--judge_path", args.judge_path] if args.judge_path else [])
-                + (["--p_mode", args.p_mode] if args.p_mode else []), args.dry_run)
+                + (["--p_mode", args.p_mode] if args.p_mode else []), args.dry_run, timings, iteration=t, stage="rank")
         if args.dry_run or not (model / "train_info.json").exists():
             run(launcher(args.nproc_per_node) + [
                 HERE / "train.py", "--model", models[-1], "--ranked", ranked, "--out", model,
                 "--loss_type", args.loss_type, "--eta", args.eta, "--optimizer", args.optimizer, "--lr", args.lr,
                 "--lr_schedule", args.lr_schedule, "--epochs", args.epochs, "--global_batch", args.global_batch,
                 "--micro_batch", args.micro_batch, "--max_prompt_length", args.max_prompt_length,
-                "--max_length", args.max_length, "--seed", args.seed, "--save_every", args.save_every], args.dry_run)
+                "--max_length", args.max_length, "--seed", args.seed, "--save_every", args.save_every], args.dry_run,
+                timings, iteration=t, stage="train")
         models.append(str(model))
         if args.eval_prompts:
             export(t, model)
         if world is not None:
             import toy
+            t0 = time.time()
             rows = toy.evaluate(models, world["eval_prompts"], world["world"])
             print("\nexact evaluation on the held-out prompts:\n" + toy.format_table(rows), flush=True)
             write_json(run_dir / "eval.json", rows)
             toy.plot(rows, run_dir / "eval.png")
+            log_time(timings, t0, iteration=t, stage="evaluate")
     if not args.dry_run:
-        print(f"\nrun directory: {run_dir}")
+        print(f"\nrun directory: {run_dir}; wall time of this invocation {time.time() - start:.1f} s; "
+              f"stage times in {timings.name}")
 
 
 if __name__ == "__main__":

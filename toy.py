@@ -16,8 +16,8 @@ lose to every valid one with probability 0.95. The base "SFT" model answers from
 pi_0 = (.30, .06, .05, .55, .04): mostly the dominated D, so there is a lot to learn.
 """
 import argparse
+import functools
 import json
-import math
 import random
 import re
 from pathlib import Path
@@ -97,14 +97,19 @@ def train_tokenizer(corpus, out_dir):
     return load_tokenizer(out_dir)
 
 
+@functools.lru_cache(maxsize=None)
+def answer_tokens(tokenizer, prompt, answer):
+    """(prompt ids, answer ids + EOS), cached: SFT and evaluation score the same pairs again and again."""
+    return prompt_token_ids(tokenizer, prompt), response_token_ids(tokenizer, answer, truncated=False)
+
+
 def answer_logps(model, tokenizer, prompts, answers, batch_size=512):
     """log pi(answer + EOS | prompt) for every prompt x answer: [len(prompts), len(answers)].
 
     Only the canonical tokenisation of each answer is scored; other token paths to the same
     text count as invalid mass (they are rare and the evaluator says so).
     """
-    pairs = [(prompt_token_ids(tokenizer, p), response_token_ids(tokenizer, a, truncated=False))
-             for p, ans in zip(prompts, answers) for a in ans]
+    pairs = [answer_tokens(tokenizer, p, a) for p, ans in zip(prompts, answers) for a in ans]
     out = []
     for start in range(0, len(pairs), batch_size):
         out.append(sequence_logps(model, collate(pairs[start:start + batch_size], tokenizer.pad_token_id)))

@@ -9,18 +9,21 @@ Two nodes with 8 GPUs each (the same command on both; node_rank 0 and 1; --out o
 
 The model at --model is pi_t: the starting point and the frozen reference. Its log-probs of the
 training responses are computed once, before the first step, so no second model lives in memory.
-Each step: one forward over every (prompt, response) sequence of the batch, summed response
-log-probs in fp32, the loss of sppo_loss.py, RMSprop (the paper's optimizer). The result is an
-HF-format directory (safetensors + tokenizer) that transformers and vLLM load unchanged.
+Each step: this rank's share of the global batch, sorted by length and cut into micro-batches
+(each padded to its own longest); per micro-batch one forward over all its (prompt, response)
+sequences, summed response log-probs in fp32, the loss of sppo_loss.py, backward; then RMSprop
+(the paper's optimizer). The result is an HF-format directory (safetensors + tokenizer) that
+transformers and vLLM load unchanged.
 
 Under torchrun the model is sharded with FSDP2 (each decoder layer, then the root). Each global
 batch is split over the ranks and the loss is a mean over the whole global batch, so the result
 does not depend on the number of processes. Work files live in OUT.tmp/: metrics.jsonl and
-ckpt/step-N/, a resumable checkpoint written every --save_every steps and at the end. Run the
-same command again after a crash and training continues from the last checkpoint, ending with
-the parameters an uninterrupted run would have had. OUT.tmp/ is removed once OUT is in place.
+ckpt/step-N/, a resumable checkpoint written every --save_every steps and at the end (none
+without --save_every). Run the same command again after a crash and training continues from the
+last checkpoint, ending with the parameters an uninterrupted run would have had. OUT.tmp/ is removed once OUT is in place.
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -66,7 +69,7 @@ def parse_args(argv=None):
                     help="compute dtype; weights, gradient reduction and optimizer stay fp32. auto: bfloat16 on GPU")
     ap.add_argument("--grad_checkpointing", action="store_true", help="recompute each decoder layer in backward")
     ap.add_argument("--cpu_offload", action="store_true", help="FSDP2 keeps parameters, grads, optimizer on CPU (torchrun, GPU)")
-    ap.add_argument("--save_every", type=int, default=0, help="resumable checkpoint every N steps (0: at the end only)")
+    ap.add_argument("--save_every", type=int, default=0, help="resumable checkpoint every N steps and at the end (0: none)")
     return ap.parse_args(argv)
 
 
@@ -97,6 +100,71 @@ def batch_logps(model, examples, pad_id, device):
     pairs = [(ex["prompt_ids"], r) for ex in examples for r in ex["response_ids"]]
     batch = {k: v.to(device) for k, v in collate(pairs, pad_id).items()}
     return sequence_logps(model, batch).view(len(examples), -1)
+
+
+def longest(example):
+    """Tokens in the example's longest sequence. Micro-batches cut from examples sorted by it pad
+    less (each is padded to its own longest): the same sums, less work."""
+    return len(example["prompt_ids"]) + max(map(len, example["response_ids"]))
+
+
+@torch.no_grad()
+def reference_logps(model, examples, indices, micro_batch, pad_id, device, progress=False):
+    """log pi_t of the responses of examples[indices] in length-sorted micro-batches.
+
+    -> [len(indices), R] (fp32, CPU), rows in the order of `indices`.
+    """
+    order = sorted(range(len(indices)), key=lambda n: longest(examples[indices[n]]))
+    out = torch.zeros(len(indices), len(examples[indices[0]]["response_ids"]))
+    for s in tqdm(range(0, len(order), micro_batch), desc="reference", disable=not progress):
+        rows = order[s:s + micro_batch]
+        out[rows] = batch_logps(model, [examples[indices[n]] for n in rows], pad_id, device).float().cpu()
+    return out
+
+
+def micro_batches_of(indices, weights, examples, ref_logps, micro_batch):
+    """A rank's share of a global batch as micro-batches of similar lengths.
+
+    -> [(examples [B], ref_logps [B, R], weights [B])], the examples sorted by `longest`.
+    """
+    share = sorted(zip(indices, weights), key=lambda jw: longest(examples[jw[0]]))
+    out = []
+    for s in range(0, len(share), micro_batch):
+        idx, w = zip(*share[s:s + micro_batch])
+        out.append(([examples[j] for j in idx], ref_logps[list(idx)], torch.tensor(w)))
+    return out
+
+
+def accumulate_gradients(model, micro_batches, scale, args, pad_id, device, autocast=contextlib.nullcontext(), fsdp=False):
+    """Forward and backward over micro-batches, gradients summed: d(scale * sum_b w_b loss_b)/d theta.
+
+    micro_batches: (examples [B], ref_logps [B, R], weights [B]) each; -> stats [4]: weighted loss
+    sum, first and last response logratio sums, weight sum.
+    """
+    stats = torch.zeros(4)
+    for n, (micro, ref, w) in enumerate(micro_batches):
+        w = w.to(device)
+        if fsdp:  # reduce gradients only once per optimizer step
+            model.set_requires_gradient_sync(n == len(micro_batches) - 1)
+        with autocast:
+            logratios = batch_logps(model, micro, pad_id, device) - ref.to(device)  # log pi_theta/pi_t: [B, R]
+        losses = preference_loss(args.loss_type, logratios, *(torch.stack([ex[key] for ex in micro]).to(device)
+                                                              for key in ("P", "win_rate", "used")), args.eta, args.beta)
+        ((losses * w).sum() * scale).backward()
+        lr_w = logratios.detach()
+        stats += torch.stack([(losses.detach() * w).sum(), (lr_w[:, 0] * w).sum(), (lr_w[:, -1] * w).sum(), w.sum()]).cpu()
+    return stats
+
+
+def optimizer_step(model, optimizer, scheduler, grad_clip):
+    """Clip, step, zero the gradients, advance the schedule -> (grad norm before clipping, lr used)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor under FSDP2
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    lr = scheduler.get_last_lr()[0]
+    scheduler.step()
+    return grad_norm.item(), lr
 
 
 def data_order(n, seed, epoch):
@@ -265,20 +333,18 @@ def main(argv=None):
     # ---- reference log-probs of pi_t, once, sharded over ranks (recomputed on resume: the model
     # at --model is pi_t, and that forward is cheaper than storing them) ------------------------
     model.eval()
-    ref_logps = torch.zeros(len(examples), len(examples[0]["response_ids"]))
     every = list(range(len(examples)))
-    share, _ = padded_share(every, rank, world)
-    with torch.no_grad(), autocast:
-        local = torch.cat([batch_logps(model, [examples[i] for i in share[s:s + args.micro_batch]],
-                                       tokenizer.pad_token_id, device)
-                           for s in tqdm(range(0, len(share), args.micro_batch), desc="reference", disable=not master)])
+    with autocast:
+        local = reference_logps(model, examples, padded_share(every, rank, world)[0], args.micro_batch,
+                                tokenizer.pad_token_id, device, progress=master)
     if fsdp:
-        gathered = [torch.zeros_like(local) for _ in range(world)]
-        dist.all_gather(gathered, local)
+        gathered = [torch.zeros_like(local, device=device) for _ in range(world)]
+        dist.all_gather(gathered, local.to(device))
+        ref_logps = torch.zeros(len(examples), local.shape[1])
         for r, part in enumerate(gathered):
             ref_logps[padded_share(every, r, world)[0]] = part.cpu()
     else:
-        ref_logps[share] = local.cpu()
+        ref_logps = local
     if fsdp:
         model.reshard()  # the root stays unsharded after a forward without backward
 
@@ -306,43 +372,25 @@ def main(argv=None):
     for step in range(start_step, total_steps):
         epoch, i = divmod(step, steps_per_epoch)
         batch_idx = data_order(len(examples), args.seed, epoch)[i * args.global_batch:(i + 1) * args.global_batch]
-        share, weights = padded_share(batch_idx, rank, world)
-        stats = torch.zeros(4)  # loss sum, chosen logratio sum, rejected logratio sum, examples
-        for s in range(0, len(share), args.micro_batch):  # gradient accumulation over micro-batches
-            micro = [examples[j] for j in share[s:s + args.micro_batch]]
-            w = torch.tensor(weights[s:s + args.micro_batch], device=device)
-            if fsdp:  # reduce gradients only once per optimizer step
-                model.set_requires_gradient_sync(s + args.micro_batch >= len(share))
-            with autocast:
-                logratios = batch_logps(model, micro, tokenizer.pad_token_id, device) - \
-                    ref_logps[share[s:s + args.micro_batch]].to(device)
-            losses = preference_loss(args.loss_type, logratios,
-                                     torch.stack([ex["P"] for ex in micro]).to(device),
-                                     torch.stack([ex["win_rate"] for ex in micro]).to(device),
-                                     torch.stack([ex["used"] for ex in micro]).to(device), args.eta, args.beta)
-            # mean over the global batch, not over this rank's share; FSDP averages gradients over
-            # ranks, hence * world: the gradient is the same for any number of processes
-            ((losses * w).sum() * world / len(batch_idx)).backward()
-            lr_w = logratios.detach()
-            stats += torch.stack([(losses.detach() * w).sum(), (lr_w[:, 0] * w).sum(),
-                                  (lr_w[:, -1] * w).sum(), w.sum()]).cpu()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor under FSDP2
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lr_now = scheduler.get_last_lr()[0]
-        scheduler.step()
+        micro_batches = micro_batches_of(*padded_share(batch_idx, rank, world), examples, ref_logps, args.micro_batch)
+        # mean over the global batch, not over this rank's share; FSDP averages gradients over
+        # ranks, hence * world: the gradient is the same for any number of processes
+        stats = accumulate_gradients(model, micro_batches, world / len(batch_idx), args, tokenizer.pad_token_id,
+                                     device, autocast, fsdp)
+        grad_norm, lr_now = optimizer_step(model, optimizer, scheduler, args.grad_clip)
         if fsdp:
             dist.all_reduce(stats)
         if master:
             n = stats[3].item()
             log.write(json.dumps({"step": step + 1, "epoch": epoch, "loss": stats[0].item() / n, "lr": lr_now,
-                                  "grad_norm": grad_norm.item(), "logratio_first": stats[1].item() / n,
+                                  "grad_norm": grad_norm, "logratio_first": stats[1].item() / n,
                                   "logratio_last": stats[2].item() / n, "elapsed": time.time() - t0}) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{stats[0].item() / n:.4g}")
             bar.update(1)
-        if step + 1 == total_steps or (args.save_every and (step + 1) % args.save_every == 0):
+        # with --save_every, also at the end: a run killed while saving the model resumes there.
+        # Without it, no checkpoint at all (at 7B, model + RMSprop state is ~87 GB to write)
+        if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == total_steps):
             save_checkpoint(ckpt_dir, step + 1, model, optimizer, scheduler, config, rank)
     bar.close()
 

@@ -94,22 +94,40 @@ def run_child(n, K, L, env=None):
     return json.loads(line[7:])
 
 
-def omp_experiment(cfg, reps):
-    """One toy iteration under libgomp's default spinning waits vs OMP_WAIT_POLICY=PASSIVE."""
+OMP_SETTINGS = {  # label: environment overrides (unset: libgomp's default, a bounded spin then sleep)
+    "OMP_WAIT_POLICY=ACTIVE": {"OMP_WAIT_POLICY": "ACTIVE"},
+    "unset (libgomp default)": {"OMP_WAIT_POLICY": None},
+    "GOMP_SPINCOUNT=10000": {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "10000"},
+    "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+}
+
+
+def omp_experiment(cfg, reps, load):
+    """One toy iteration under each OpenMP wait setting, alternating; `load` busy processes
+    (pure Python loops, one core each) compete for the cores, as other jobs on a shared machine."""
     n, K, L = (int(x) for x in cfg.split(","))
-    res = {"ACTIVE": [], "PASSIVE": []}
-    for _ in range(reps):
-        for policy in res:
-            res[policy].append(run_child(n, K, L, env=dict(os.environ, OMP_WAIT_POLICY=policy)))
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(load)]
+    res = {label: [] for label in OMP_SETTINGS}
+    try:
+        for _ in range(reps):
+            for label, over in OMP_SETTINGS.items():
+                env = dict(os.environ, **{k: v for k, v in over.items() if v is not None})
+                for k in (k for k, v in over.items() if v is None):
+                    env.pop(k, None)
+                res[label].append(run_child(n, K, L, env=env))
+    finally:
+        for b in busy:
+            b.kill()
     rows = []
-    for policy, rs in res.items():
+    for label, rs in res.items():
         med = {k: _util.median([r[k] for r in rs]) for k in ("generate_s", "rank_toy_s", "train_s", "iteration_s",
                                                                 "rank_pairrm_s")}
-        rows.append([policy, med["generate_s"], med["rank_toy_s"], med["train_s"], med["iteration_s"], med["rank_pairrm_s"],
+        rows.append([label, med["generate_s"], med["rank_toy_s"], med["train_s"], med["iteration_s"], med["rank_pairrm_s"],
                      [round(r["iteration_s"], 1) for r in rs]])
-        _util.record(BENCH, f"omp_{policy}", config=cfg, reps=reps, **med, iteration_times=[r["iteration_s"] for r in rs])
-    print(f"config N,K,L = {cfg}; {reps} alternating rounds; medians")
-    print(_util.table(["OMP_WAIT_POLICY", "generate s", "rank (toy) s", "train s", "iteration s", "rank (tiny PairRM) s",
+        _util.record(BENCH, f"omp {label}", config=cfg, reps=reps, busy_processes=load, **med,
+                     iteration_times=[r["iteration_s"] for r in rs])
+    print(f"config N,K,L = {cfg}; {reps} alternating rounds; {load} competing busy processes; medians")
+    print(_util.table(["OpenMP wait setting", "generate s", "rank (toy) s", "train s", "iteration s", "rank (tiny PairRM) s",
                        "iteration s, each round"], rows))
 
 
@@ -117,7 +135,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="*", default=DEFAULT, help="N,K,L triples")
     ap.add_argument("--omp_experiment", type=int, default=0, metavar="REPS",
-                    help="instead: the first config REPS times each under OMP_WAIT_POLICY=ACTIVE and PASSIVE, alternating")
+                    help="instead: the first config REPS times under each OpenMP wait setting, alternating")
+    ap.add_argument("--load", type=int, default=0, help="--omp_experiment: competing busy processes")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -128,7 +147,7 @@ def main():
     import bench_rank
     bench_rank.tiny_ranker()
     if args.omp_experiment:
-        return omp_experiment(args.configs[0], args.omp_experiment)
+        return omp_experiment(args.configs[0], args.omp_experiment, args.load)
     rows = []
     for cfg in args.configs:
         n, K, L = (int(x) for x in cfg.split(","))

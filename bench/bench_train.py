@@ -39,7 +39,7 @@ import _util  # noqa: E402  (sets HF_HUB_OFFLINE, sys.path)
 import torch  # noqa: E402
 
 import train  # noqa: E402
-from common import collate, load_model, load_tokenizer, sequence_logps  # noqa: E402
+from common import collate, load_model, load_tokenizer  # noqa: E402
 from sppo_loss import preference_loss  # noqa: E402
 
 BENCH = "train"
@@ -89,29 +89,22 @@ def token_counts(examples):
 # ---- our step: train.py's building blocks, in train.py's order ----------------------------------
 
 
-def our_reference(ref_model, examples, pad_id):
-    with torch.no_grad():
-        return train.batch_logps(ref_model, examples, pad_id, "cpu")
+def our_reference(ref_model, examples, pad_id, micro_batch=None):
+    """train.py's reference pass over these examples (no grad, length-sorted micro-batches)."""
+    return train.reference_logps(ref_model, examples, list(range(len(examples))), micro_batch or len(examples),
+                                 pad_id, "cpu")
 
 
 def our_step(model, optimizer, scheduler, examples, ref_logps, pad_id, loss_type, eta, beta=0.1, grad_clip=1.0,
-             logps_fn=None):
-    """One optimizer step of train.py's loop (one process, one micro-batch = the global batch).
-
-    What train.main does per step: batch_logps (one concatenated forward over chosen+rejected),
-    minus the precomputed reference, preference_loss, mean over the batch, backward, clip,
-    optimizer, zero_grad, scheduler. train.py has no step function to call: see BENCHMARKS.md.
-    """
-    logratios = (logps_fn or train.batch_logps)(model, examples, pad_id, "cpu") - ref_logps
-    losses = preference_loss(loss_type, logratios, torch.stack([ex["P"] for ex in examples]),
-                             torch.stack([ex["win_rate"] for ex in examples]),
-                             torch.stack([ex["used"] for ex in examples]), eta, beta)
-    (losses.sum() / len(examples)).backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
-    return losses.detach().mean().item(), grad_norm.item()
+             micro_batch=None):
+    """One optimizer step of train.py's loop on one process, with train.py's own functions:
+    micro_batches_of (sorted by length), accumulate_gradients (forward, loss, backward), optimizer_step."""
+    n = len(examples)
+    micro_batches = train.micro_batches_of(list(range(n)), [1.0] * n, examples, ref_logps, micro_batch or n)
+    stats = train.accumulate_gradients(model, micro_batches, 1 / n, argparse.Namespace(loss_type=loss_type, eta=eta, beta=beta),
+                                       pad_id, "cpu")
+    grad_norm, _ = train.optimizer_step(model, optimizer, scheduler, grad_clip)
+    return stats[0].item() / n, grad_norm
 
 
 def make_ours(model_dir, lr):
@@ -154,7 +147,7 @@ class RecordingCollator:
         return self.inner(examples)
 
 
-def run_pair(model_dir, records, batch, steps, warmup, lr, eta, precompute, pad_id):
+def run_pair(model_dir, records, batch, steps, warmup, lr, eta, precompute, pad_id, micro_batch=None):
     """Interleaved TRL / ours; -> dict of per-step time lists, token counts, both trained models."""
     from transformers import TrainerCallback
     with tempfile.TemporaryDirectory() as tmp:
@@ -175,9 +168,9 @@ def run_pair(model_dir, records, batch, steps, warmup, lr, eta, precompute, pad_
                 trl_dt = time.perf_counter() - self.t
                 exs = our_examples(rec.batches[state.global_step - 1])
                 t0 = time.perf_counter()
-                ref_logps = our_reference(ref, exs, pad_id)
+                ref_logps = our_reference(ref, exs, pad_id, micro_batch)
                 t1 = time.perf_counter()
-                loss, _ = our_step(ours, opt, sched, exs, ref_logps, pad_id, "sppo_hard", eta)
+                loss, _ = our_step(ours, opt, sched, exs, ref_logps, pad_id, "sppo_hard", eta, micro_batch=micro_batch)
                 t2 = time.perf_counter()
                 if state.global_step > warmup:
                     out["trl"].append(trl_dt)
@@ -274,80 +267,60 @@ def profile_step(model_dir, records, batch, eta, pad_id, tok, steps=5):
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
 
 
-def sequence_logps_compact(model, batch):
-    """Proposed: run the LM head and log_softmax only at the positions whose next token is a
-    response token (skips prompt and pad positions), via cross_entropy (fused log_softmax+gather)."""
+def sequence_logps_before(model, batch):
+    """common.sequence_logps before optimisation P1 (commit 44a852b): the LM head and a full-vocabulary
+    log_softmax at every position, then gather and mask."""
     import torch.nn.functional as F
-    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         position_ids=batch["position_ids"], use_cache=False).last_hidden_state[:, :-1]
-    mask = (batch["response_mask"][:, 1:] * batch["attention_mask"][:, :-1]).bool()
-    rows = mask.nonzero(as_tuple=True)[0]
-    logits = model.lm_head(hidden[mask]).float()
-    token_logps = -F.cross_entropy(logits, batch["input_ids"][:, 1:][mask], reduction="none")
-    return torch.zeros(mask.shape[0], dtype=token_logps.dtype).index_add(0, rows, token_logps)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"], use_cache=False).logits[:, :-1]
+    mask = (batch["response_mask"][:, 1:] * batch["attention_mask"][:, :-1]).to(torch.float32)
+    token_logps = torch.gather(F.log_softmax(logits.float(), dim=-1), 2, batch["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1)
+    return (token_logps * mask).sum(-1)
 
 
-def _pairs_batch(examples, pad_id):
+def batch_logps_before(model, examples, pad_id, device):
+    """train.batch_logps with sequence_logps_before."""
     pairs = [(ex["prompt_ids"], r) for ex in examples for r in ex["response_ids"]]
-    return pairs
+    return sequence_logps_before(model, collate(pairs, pad_id)).view(len(examples), -1)
 
 
-def batch_logps_compact(model, examples, pad_id, device):
-    """train.batch_logps with sequence_logps_compact."""
-    batch = {k: v.to(device) for k, v in collate(_pairs_batch(examples, pad_id), pad_id).items()}
-    return sequence_logps_compact(model, batch).view(len(examples), -1)
+# name: (train.batch_logps or the one before P1, micro_batch; None = the whole batch in one forward)
+VARIANTS = {"before (44a852b)": (batch_logps_before, None), "now, micro_batch = batch": (train.batch_logps, None),
+            "now, micro_batch 8": (train.batch_logps, 8), "now, micro_batch 4": (train.batch_logps, 4),
+            "now, micro_batch 2": (train.batch_logps, 2)}
 
 
-def batch_logps_bucketed(model, examples, pad_id, device, seqs_per_chunk=8, logps=sequence_logps):
-    """Proposed: sort the batch's sequences by length and run them in chunks of `seqs_per_chunk`,
-    each padded to its own longest: the same sums, much less padding. The graphs of all chunks stay
-    alive until the one backward, so memory is that of the whole batch, as now."""
-    pairs = _pairs_batch(examples, pad_id)
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
-    parts = []
-    for s in range(0, len(order), seqs_per_chunk):
-        chunk = [pairs[i] for i in order[s:s + seqs_per_chunk]]
-        parts.append(logps(model, {k: v.to(device) for k, v in collate(chunk, pad_id).items()}))
-    inverse = torch.empty(len(order), dtype=torch.long)
-    inverse[torch.tensor(order)] = torch.arange(len(order))
-    return torch.cat(parts)[inverse].view(len(examples), -1)
-
-
-def batch_logps_both(model, examples, pad_id, device):
-    return batch_logps_bucketed(model, examples, pad_id, device, logps=sequence_logps_compact)
-
-
-VARIANTS = {"now": train.batch_logps, "compact_lm_head": batch_logps_compact,
-            "bucketed_8": batch_logps_bucketed, "compact+bucketed": batch_logps_both}
-
-
-def padding_stats(batches, seqs_per_chunk=8):
-    """Padded tokens per batch: one padded batch (now) vs length-sorted chunks."""
-    now = bucketed = real = 0
+def padding_stats(batches, micro_batch):
+    """Token slots per batch: real tokens, one padded forward, and train.py's length-sorted micro-batches."""
+    real = one = sorted_micro = 0
     for b in batches:
-        lens = sorted(len(p) + len(r) for p, r in _pairs_batch(b, 0))
-        real += sum(lens)
-        now += len(lens) * lens[-1]
-        bucketed += sum(len(lens[s:s + seqs_per_chunk]) * lens[s:s + seqs_per_chunk][-1]
-                        for s in range(0, len(lens), seqs_per_chunk))
-    return real, now, bucketed
+        n = len(b)
+        real += sum(len(ex["prompt_ids"]) + len(r) for ex in b for r in ex["response_ids"])
+        one += 2 * n * max(map(train.longest, b))
+        for micro, _, _ in train.micro_batches_of(list(range(n)), [1.0] * n, b, torch.zeros(n, 2), micro_batch):
+            sorted_micro += 2 * len(micro) * max(map(train.longest, micro))
+    return real, one, sorted_micro
 
 
 def experiments(model_dir, records, batch, eta, pad_id, tok, reps):
-    """Before/after of the proposed changes to batch_logps/sequence_logps, interleaved: a full
-    training step (each variant trains its own copy from the same start on the same batches) and
-    the no-grad reference forward. Outputs must agree with sequence_logps."""
+    """Before/after of P1 (LM head and log-softmax only where they count) and P2 (length-sorted
+    micro-batches), interleaved: a full training step (each variant trains its own copy from the
+    same start on the same batches) and the no-grad reference pass. Outputs must agree."""
+    from unittest import mock
     exs_all, _ = train.build_examples(records, tok, "sppo_hard", 512, 4096)
     for ex in exs_all:
         ex["win_rate"] = torch.tensor([1.0, 0.0])
     ref = load_model(model_dir).eval()
     batches = [exs_all[i * batch:(i + 1) * batch] for i in range(len(exs_all) // batch)]
     refs = [our_reference(ref, bb, pad_id) for bb in batches]
-    agree = {}
-    with torch.no_grad():
-        base = train.batch_logps(ref, batches[0], pad_id, "cpu")
-        for name, fn in VARIANTS.items():
-            agree[name] = (fn(ref, batches[0], pad_id, "cpu") - base).abs().max().item()
+
+    def variant(name, fn):
+        logps, micro = VARIANTS[name]
+        with mock.patch.object(train, "batch_logps", logps):  # "before": train.py's loop with the old log-probs
+            return fn(micro)
+    base = variant("before (44a852b)", lambda m: our_reference(ref, batches[0], pad_id, m))
+    agree = {name: (variant(name, lambda m: our_reference(ref, batches[0], pad_id, m)) - base).abs().max().item()
+             for name in VARIANTS}
     models = {name: make_ours(model_dir, 1e-5) for name in VARIANTS}
     cur = {"i": -1}
 
@@ -355,18 +328,16 @@ def experiments(model_dir, records, batch, eta, pad_id, tok, reps):
         def run():
             if first:
                 cur["i"] = (cur["i"] + 1) % len(batches)
-            our_step(*models[name], batches[cur["i"]], refs[cur["i"]], pad_id, "sppo_hard", eta, logps_fn=VARIANTS[name])
+            variant(name, lambda m: our_step(*models[name], batches[cur["i"]], refs[cur["i"]], pad_id, "sppo_hard", eta,
+                                             micro_batch=m))
         return run
 
     def ref_fn(name):
-        def run():
-            with torch.no_grad():
-                VARIANTS[name](ref, batches[cur["i"]], pad_id, "cpu")
-        return run
+        return lambda: variant(name, lambda m: our_reference(ref, batches[cur["i"]], pad_id, m))
     fns = {f"step:{n}": step_fn(n, first=(i == 0)) for i, n in enumerate(VARIANTS)}
-    fns.update({f"ref:{n}": ref_fn(n) for n in ("now", "compact+bucketed")})
+    fns.update({f"ref:{n}": ref_fn(n) for n in VARIANTS})
     times = _util.interleave(fns, reps=reps, warmup=1)
-    return {k: _util.median(v) for k, v in times.items()}, agree, padding_stats(batches)
+    return {k: _util.median(v) for k, v in times.items()}, agree, padding_stats(batches, 4)
 
 
 # ---- main --------------------------------------------------------------------------------------
@@ -382,6 +353,8 @@ def main():
     ap.add_argument("--trl_mode", default="default", choices=["default", "precompute", "both"],
                     help="TRL as users run it by default (live reference forward each step), with "
                          "precompute_ref_log_probs=True, or both")
+    ap.add_argument("--micro_batch", type=int, default=4, help="our pairs per forward (train.py --micro_batch); "
+                    "TRL runs the whole batch in one forward")
     ap.add_argument("--profile", action="store_true", help="profile our step instead of comparing")
     ap.add_argument("--experiments", action="store_true", help="before/after of proposed optimisations")
     ap.add_argument("--reps", type=int, default=10, help="repetitions for --experiments")
@@ -405,19 +378,21 @@ def main():
             print("```")
             continue
         if args.experiments:
-            med, agree, (real, now, bucketed) = experiments(model_dir, records, s["batch"], args.eta, pad_id, tok, args.reps)
-            print(f"{name}: tokens per batch real {real}, padded now {now}, padded in length-sorted chunks of 8 {bucketed}")
+            med, agree, (real, one, sorted4) = experiments(model_dir, records, s["batch"], args.eta, pad_id, tok, args.reps)
+            print(f"{name}: token slots over the batches: real {real}, one padded forward {one}, "
+                  f"length-sorted micro-batches of 4 {sorted4}")
             for key, t in med.items():
                 kind, variant = key.split(":")
-                before = med[f"{kind}:now"]
+                before = med[f"{kind}:before (44a852b)"]
                 exp_rows.append([name, kind, variant, t, before / t, agree[variant]])
                 _util.record(BENCH, f"experiment_{kind}_{variant}", model=name, seconds=t, before_s=before,
                              speedup=before / t, max_abs_logp_diff=agree[variant], batch=s["batch"], reps=args.reps,
-                             real_tokens=real, padded_tokens_now=now, padded_tokens_bucketed=bucketed)
+                             real_tokens=real, slots_one_forward=one, slots_sorted_micro_4=sorted4)
             continue
         variants = {"default": [False], "precompute": [True], "both": [False, True]}[args.trl_mode]
         for precompute in variants:
-            r = run_pair(model_dir, records, s["batch"], steps, args.warmup, args.lr, args.eta, precompute, pad_id)
+            r = run_pair(model_dir, records, s["batch"], steps, args.warmup, args.lr, args.eta, precompute, pad_id,
+                         args.micro_batch)
             resp = _util.median([t[0] for t in r["tokens"]])
             real = _util.median([t[1] for t in r["tokens"]])
             padded = _util.median([t[2] for t in r["tokens"]])
@@ -476,7 +451,8 @@ def main():
         print(_util.table(["model", "variant", "params", "matmul params N", "real tokens", "padded tokens", "step s",
                            "GFLOP/s (model)", "MFU"], mfu_rows))
     if exp_rows:
-        print(_util.table(["model", "what", "variant", "median s", "speedup vs now", "max |logp diff| vs now"], exp_rows))
+        print(_util.table(["model", "what", "variant", "median s", "speedup vs before", "max |logp diff| vs before"],
+                          exp_rows))
 
 
 if __name__ == "__main__":

@@ -63,6 +63,41 @@ def test_logps_with_left_and_right_padding_match_unpadded(tok_model):
     assert not torch.allclose(wrong, expected, atol=1e-2)
 
 
+def test_logps_gradient_and_full_logits_path_match_reference(tok_model):
+    """The LM head on fewer positions (logits_to_keep) and fused cross_entropy give the same values
+    and gradients as the plain full-logits log_softmax + gather; so does a model without logits_to_keep."""
+    tok, model = tok_model
+    pairs = [(prompt_token_ids(tok, p), response_token_ids(tok, r, truncated=False))
+             for p, r in [("Which fruit suits the picnic?", "apple pie"), ("Name a tool for the long weekend job.", "saw")]]
+    batch = collate(pairs, tok.pad_token_id)
+
+    def reference():  # every position, then the mask
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"]).logits[:, :-1]
+        logp = torch.gather(F.log_softmax(logits, -1), 2, batch["input_ids"][:, 1:, None])[..., 0]
+        return (logp * batch["response_mask"][:, 1:] * batch["attention_mask"][:, :-1]).sum(-1)
+
+    class NoKeep(torch.nn.Module):  # a causal LM whose forward has no logits_to_keep
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, position_ids, use_cache):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+    results = []
+    for fn in (reference, lambda: sequence_logps(model, batch), lambda: sequence_logps(NoKeep(model), batch)):
+        model.zero_grad()
+        values = fn()
+        (values * torch.tensor([1.0, -2.0])).sum().backward()
+        results.append((values.detach(), [p.grad.clone() for p in model.parameters()]))
+    model.zero_grad()
+    for values, grads in results[1:]:
+        assert torch.allclose(values, results[0][0], atol=1e-4)
+        assert all(torch.allclose(g, g0, atol=1e-5) for g, g0 in zip(grads, results[0][1]))
+    assert max(g.abs().max() for g in results[0][1]) > 1e-3  # the gradients compared are not all zero
+
+
 def few_prompts(n, start=0):
     train, _ = toy.make_prompts()
     return train[start:start + n]
