@@ -20,7 +20,8 @@ batch is split over the ranks and the loss is a mean over the whole global batch
 does not depend on the number of processes. Work files live in OUT.tmp/: metrics.jsonl and
 ckpt/step-N/, a resumable checkpoint written every --save_every steps and at the end (none
 without --save_every). Run the same command again after a crash and training continues from the
-last checkpoint, ending with the parameters an uninterrupted run would have had. OUT.tmp/ is removed once OUT is in place.
+last checkpoint, ending with the parameters an uninterrupted run would have had. OUT.tmp/ is
+removed once OUT is in place.
 """
 import argparse
 import contextlib
