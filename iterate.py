@@ -19,10 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-# CPU threads wait for work by sleeping, not spinning: on a machine shared with other jobs
-# spinning threads fight them for the cores (a toy iteration 3-4x slower), and on an idle one it
-# gains nothing measurable (BENCHMARKS.md, section 5). Set before torch loads libgomp; every stage
-# process inherits it; OMP_WAIT_POLICY=ACTIVE in the environment overrides it.
+# CPU threads wait for work by sleeping, not spinning: on a machine shared with other jobs,
+# spinning threads fight them for the cores (a toy iteration 2-3x slower than PASSIVE, 1.1-1.3x
+# with libgomp's default); on an idle one the settings are within noise (BENCHMARKS.md, section
+# 5). Set before torch loads libgomp; every stage process inherits it; a user's setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from common import (InputError, atomic_write, fail_with, load_prompts, prompt_text, read_records, run_info, write_json,
