@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import (InputError, atomic_write, collate, dist_env, fail_with, load_model, load_tokenizer,
+from common import (PROMPT_FORMATS, InputError, atomic_write, collate, dist_env, fail_with, load_model, load_tokenizer,
                     prompt_token_ids, read_records, response_token_ids, run_info, sequence_logps, write_json)
 from sppo_loss import LOSS_TYPES, preference_loss, responses_used
 
@@ -65,16 +65,20 @@ def parse_args(argv=None):
     ap.add_argument("--grad_clip", type=float, default=1.0, help="max grad norm; 0 = off")
     ap.add_argument("--max_prompt_length", type=int, default=512, help="prompt tokens kept (the last ones)")
     ap.add_argument("--max_length", type=int, default=1024, help="prompt + response tokens")
+    ap.add_argument("--prompt_format", default="auto", choices=PROMPT_FORMATS,
+                    help="as generate.py: chat template, plain text (base models), or auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="compute dtype; weights, gradient reduction and optimizer stay fp32. auto: bfloat16 on GPU")
+    ap.add_argument("--freeze_embeddings", action="store_true",
+                    help="keep the input embedding (and a tied LM head) fixed: no gradient or optimizer state for it")
     ap.add_argument("--grad_checkpointing", action="store_true", help="recompute each decoder layer in backward")
     ap.add_argument("--cpu_offload", action="store_true", help="FSDP2 keeps parameters, grads, optimizer on CPU (torchrun, GPU)")
     ap.add_argument("--save_every", type=int, default=0, help="resumable checkpoint every N steps and at the end (0: none)")
     return ap.parse_args(argv)
 
 
-def build_examples(records, tokenizer, loss_type, max_prompt_length, max_length):
+def build_examples(records, tokenizer, loss_type, max_prompt_length, max_length, prompt_format="auto"):
     """Token ids of the responses each prompt trains on, with their P and win rates.
 
     Returns (examples, n_cut): example = dict(prompt_ids, response_ids [R lists], P, win_rate,
@@ -84,7 +88,7 @@ def build_examples(records, tokenizer, loss_type, max_prompt_length, max_length)
     for rec in records:
         win_rate = torch.tensor([rec["win_rate"]], dtype=torch.float32)
         used = responses_used(loss_type, win_rate)[0]
-        prompt_ids = prompt_token_ids(tokenizer, rec["prompt"])[-max_prompt_length:]
+        prompt_ids = prompt_token_ids(tokenizer, rec["prompt"], prompt_format)[-max_prompt_length:]
         budget = max_length - len(prompt_ids)
         responses = []
         for k in used.tolist():
@@ -282,7 +286,8 @@ def main(argv=None):
             raise InputError("--cpu_offload needs torchrun on GPUs (FSDP2 offloads to CPU from GPU memory)")
         records = read_records(args.ranked, stage="ranked")
         tokenizer = load_tokenizer(args.model)
-        examples, n_cut = build_examples(records, tokenizer, args.loss_type, args.max_prompt_length, args.max_length)
+        examples, n_cut = build_examples(records, tokenizer, args.loss_type, args.max_prompt_length, args.max_length,
+                                         args.prompt_format)
         config = dict(vars(args), world_size=world, ranked_sha256=hashlib.sha256(Path(args.ranked).read_bytes()).hexdigest())
         resume = latest_checkpoint(ckpt_dir)
         if resume is not None:
@@ -301,6 +306,8 @@ def main(argv=None):
     # ---- model: fp32 master weights; FSDP2 shards each decoder layer, then the root -----------
     model = load_model(args.model, dtype=torch.float32, device="cpu" if fsdp else device)
     model.config.use_cache = False
+    if args.freeze_embeddings:  # with a large vocabulary, most of the parameters (Gemma-3-270M: 168M of 268M)
+        model.get_input_embeddings().weight.requires_grad_(False)
     if args.grad_checkpointing:  # non-reentrant: the one that composes with FSDP2
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not fsdp)  # one process
@@ -318,7 +325,7 @@ def main(argv=None):
     # ---- optimizer and schedule: linear warmup, then linear decay (or constant). Built right after
     # sharding: it must hold the sharded parameters (after a forward FSDP2's root holds unsharded ones)
     opt_cls = torch.optim.RMSprop if args.optimizer == "rmsprop" else torch.optim.AdamW
-    optimizer = opt_cls(model.parameters(), lr=args.lr)
+    optimizer = opt_cls([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     steps_per_epoch = math.ceil(len(examples) / args.global_batch)
     total_steps = steps_per_epoch * args.epochs
     warmup = math.ceil(args.warmup_ratio * total_steps)
