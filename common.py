@@ -3,12 +3,17 @@ and the split of a stage's records over torchrun's processes.
 
 Kept small on purpose: one place for each idea that more than one stage needs.
 """
+import argparse
+import glob
 import hashlib
 import inspect
 import json
+import math
 import os
 import platform
+import re
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,6 +33,29 @@ def _fail(path, line_no, field, msg):
     raise InputError(f"{where}: field {field!r}: {msg}" if field else f"{where}: {msg}")
 
 
+CHAT_ROLES = ("system", "user", "assistant")
+P_TOLERANCE = 1e-6  # P + P^T = 1, diagonal 1/2, win rate = row mean: up to rounding of the written floats
+
+
+def _check_prompt(prompt, path, line_no):
+    """A prompt is a non-blank string, or chat messages that end on a non-blank user turn."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            _fail(path, line_no, "prompt", "empty or only whitespace")
+        return
+    if not (isinstance(prompt, list) and prompt and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in prompt)):
+        _fail(path, line_no, "prompt", "expected a string or a list of {role, content} messages")
+    for n, m in enumerate(prompt):
+        if m["role"] not in CHAT_ROLES:
+            _fail(path, line_no, "prompt", f"message {n}: unknown role {m['role']!r} (expected one of {CHAT_ROLES})")
+    if prompt[-1]["role"] != "user":
+        _fail(path, line_no, "prompt", f"the last message is a {prompt[-1]['role']!r} turn; it must be the user's")
+    if not prompt[-1]["content"].strip():
+        _fail(path, line_no, "prompt", "the last user message is empty or only whitespace")
+
+
 def _check_record(rec, path, line_no, stage, K):
     """Check one record for `stage` in ("prompts", "responses", "ranked"); returns its K."""
     if not isinstance(rec, dict):
@@ -37,12 +65,7 @@ def _check_record(rec, path, line_no, stage, K):
             _fail(path, line_no, field, "missing")
     if not isinstance(rec["id"], (str, int)) or isinstance(rec["id"], bool):
         _fail(path, line_no, "id", f"expected a string or integer, got {rec['id']!r}")
-    prompt = rec["prompt"]
-    is_chat = isinstance(prompt, list) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in prompt)
-    if not (isinstance(prompt, str) or (is_chat and prompt)):
-        _fail(path, line_no, "prompt", "expected a string or a list of {role, content} messages")
+    _check_prompt(rec["prompt"], path, line_no)
     if stage == "prompts":
         return K
     responses = rec.get("responses")
@@ -65,11 +88,51 @@ def _check_record(rec, path, line_no, stage, K):
         for p in row:
             if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
                 _fail(path, line_no, "P", f"entry {p!r} is not a probability in [0, 1]")
+    problem = preference_matrix_problem(P)
+    if problem:
+        _fail(path, line_no, "P", problem)
     win = rec.get("win_rate")
     if not (isinstance(win, list) and len(win) == K and all(
             isinstance(w, (int, float)) and not isinstance(w, bool) and 0.0 <= w <= 1.0 for w in win)):
         _fail(path, line_no, "win_rate", f"missing or not a list of K={K} numbers in [0, 1]")
+    for i, (w, row) in enumerate(zip(win, P)):
+        if abs(w - sum(row) / K) > P_TOLERANCE:
+            _fail(path, line_no, "win_rate", f"entry {i} is {w!r}, but the mean of row {i} of P is {sum(row) / K!r}")
     return K
+
+
+def preference_matrix_problem(P):
+    """What makes P (K x K nested lists, entries in [0, 1]) not a preference matrix, or None.
+
+    P[i][j] = P(y_i > y_j): a tie counts half, so P[i][i] = 1/2 and P[i][j] + P[j][i] = 1.
+    """
+    for i in range(len(P)):
+        if abs(P[i][i] - 0.5) > P_TOLERANCE:
+            return f"diagonal entry [{i}][{i}] is {P[i][i]!r}, not 1/2"
+        for j in range(i + 1, len(P)):
+            if abs(P[i][j] + P[j][i] - 1.0) > P_TOLERANCE:
+                return f"P[{i}][{j}] + P[{j}][{i}] = {P[i][j] + P[j][i]!r}, not 1 (P(y_i > y_j) + P(y_j > y_i) must be 1)"
+    return None
+
+
+def _parse_json_line(line, path, line_no):
+    def no_constant(name):  # Python's json reads NaN and Infinity; JSON has neither
+        raise ValueError(f"{name} is not valid JSON")
+    try:
+        return json.loads(line, parse_constant=no_constant)
+    except json.JSONDecodeError as e:
+        _fail(path, line_no, None, f"malformed JSON ({e.msg} at column {e.colno})")
+    except RecursionError:
+        _fail(path, line_no, None, "malformed JSON (nested too deeply)")
+    except ValueError as e:  # NaN / Infinity, or an integer too long to convert
+        _fail(path, line_no, None, f"malformed JSON ({e})")
+
+
+def record_line(path, index) -> int:
+    """The line number of record `index` of a JSONL file read by read_records (blank lines skipped)."""
+    with open(path, "rb") as f:
+        lines = [n for n, raw in enumerate(f, 1) if raw.strip()]
+    return lines[index]
 
 
 def read_records(path, stage="prompts", K=None):
@@ -81,19 +144,23 @@ def read_records(path, stage="prompts", K=None):
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: file not found")
+    if not path.is_file():
+        raise InputError(f"{path}: not a file")
     records, seen = [], set()
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                _fail(path, line_no, None, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
             if not line.strip():
                 continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                _fail(path, line_no, None, f"malformed JSON ({e.msg} at column {e.colno})")
+            rec = _parse_json_line(line, path, line_no)
             K = _check_record(rec, path, line_no, stage, K)
-            if rec["id"] in seen:
-                _fail(path, line_no, "id", f"duplicate id {rec['id']!r}")
-            seen.add(rec["id"])
+            # ids are compared as text: they name seeds and shards, where 1 and "1" are the same
+            if str(rec["id"]) in seen:
+                _fail(path, line_no, "id", f"duplicate id {rec['id']!r} (ids are compared as text)")
+            seen.add(str(rec["id"]))
             records.append(rec)
     if not records:
         raise InputError(f"{path}: no records")
@@ -112,7 +179,10 @@ def load_prompts(source, split="train", column="prompt"):
         return read_records(path, stage="prompts")
     import datasets
     if path.is_dir():
-        data = datasets.load_from_disk(str(path))
+        try:
+            data = datasets.load_from_disk(str(path))
+        except (OSError, ValueError) as e:
+            raise InputError(f"{source}: a directory, but not a dataset saved with save_to_disk ({e})") from e
     else:
         data = datasets.load_dataset(str(source), split=split)
     if isinstance(data, datasets.DatasetDict):
@@ -127,15 +197,19 @@ def load_prompts(source, split="train", column="prompt"):
         rec["id"] = row.get("id", row.get("prompt_id", f"{path.name}-{row_no}"))
         _check_record(rec, source, f"row {row_no}", "prompts", None)
         records.append(rec)
-    if len({r["id"] for r in records}) != len(records):
+    if len({str(r["id"]) for r in records}) != len(records):
         raise InputError(f"{source}: field 'id': ids are not unique")
     return records
 
 
 def atomic_write(path, write_fn, mode="w"):
-    """Write through `write_fn(file)` to a temporary file, then rename: never half-written."""
+    """Write through `write_fn(file)` to a temporary file, then rename: never half-written.
+
+    Temporaries of `path` left by writers that were killed (their pid is gone) are removed first.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
@@ -146,6 +220,25 @@ def atomic_write(path, write_fn, mode="w"):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def remove_stale_temporaries(path):
+    """Delete `.NAME.tmpPID` files next to `path` whose writer (PID, on this machine) is gone."""
+    path = Path(path)
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):
+        pid = tmp.name[len(path.name) + 5:]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
 
 
 def write_records(path, records):
@@ -172,8 +265,102 @@ def run_info(config: dict) -> dict:
 
 def fail_with(e: Exception):
     """Exit non-zero with one clear line: what scripts do with an InputError."""
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+# ---- flags and paths, checked before any work ----------------------------------------------------
+# argparse types: a bad value stops the stage at parse time with "argument --flag: expected ...", exit 2
+
+
+def _number_type(cast, ok, what):
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int = _number_type(int, lambda v: v > 0, "an integer > 0")
+nonneg_int = _number_type(int, lambda v: v >= 0, "an integer >= 0")
+finite_float = _number_type(float, lambda v: True, "a finite number")
+positive_float = _number_type(float, lambda v: v > 0, "a finite number > 0")
+nonneg_float = _number_type(float, lambda v: v >= 0, "a finite number >= 0")
+probability = _number_type(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+fraction = _number_type(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
+def check_output(path, flag="--out", directory=False):
+    """Refuse an output path that cannot be written, before the work rather than after it."""
+    path = Path(path).absolute()
+    if directory and path.exists() and not path.is_dir():
+        raise InputError(f"{flag} {path}: exists and is not a directory")
+    if not directory and path.is_dir():
+        raise InputError(f"{flag} {path}: is a directory; give a file name")
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"{flag} {path}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {path}: {ancestor} is not writable")
+
+
+def check_input_file(path, flag):
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{flag} {path}: file not found")
+    if not path.is_file():
+        raise InputError(f"{flag} {path}: not a file")
+
+
+def check_model_path(name, flag="--model"):
+    """A local model directory must hold config.json; anything that is not a local path is a hub name."""
+    path = Path(name)
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(f"{flag} {name}: not a directory")
+        if not (path / "config.json").is_file():
+            raise InputError(f"{flag} {name}: no config.json in it: not a model directory")
+    elif str(name).startswith((".", "/", "~")) or str(name).count("/") > 1:
+        raise InputError(f"{flag} {name}: directory not found")
+
+
+def path_stamp(name):
+    """A cheap version stamp of a local file or directory: (file, size, mtime) of each of its files;
+    anything else (a hub name) as it is. Keys of reusable work include it."""
+    path = Path(name)
+    if not path.exists():
+        return str(name)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+
+def watch_launcher(poll=0.5):
+    """Exit as soon as the process that launched this one is gone.
+
+    torchrun starts every rank in a session of its own, so killing the launcher's process group
+    leaves the ranks running: they hang at a collective or race a re-run for the same outputs.
+    Under torchrun (TORCHELASTIC_RUN_ID) a thread watches the parent; under iterate.py also
+    iterate.py itself (SPPO_LAUNCHER_PID), which sits above torchrun. A plain process started by
+    hand is never watched (it may outlive its shell on purpose).
+    """
+    launcher = os.environ.get("SPPO_LAUNCHER_PID")
+    if "TORCHELASTIC_RUN_ID" not in os.environ and not launcher:
+        return
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(poll)
+            if os.getppid() != parent or (launcher and not pid_alive(int(launcher))):
+                print(f"error: the launcher of process {os.getpid()} is gone; exiting", file=sys.stderr, flush=True)
+                os._exit(1)
+    threading.Thread(target=watch, name="watch_launcher", daemon=True).start()
 
 
 # ---- model I/O and tokens ---------------------------------------------------------------------
@@ -181,7 +368,10 @@ def fail_with(e: Exception):
 
 def load_tokenizer(model_dir):
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{model_dir}: could not load a tokenizer ({str(e).strip().splitlines()[0]})") from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -205,6 +395,8 @@ def prompt_token_ids(tokenizer, prompt, prompt_format="auto") -> list:
     plain: BOS (once, if the tokenizer has one) + the prompt text's tokens; the response is the
     model's continuation of the text: how a base model is prompted.
     auto: chat if the tokenizer has a chat template, else plain.
+    User text never becomes a control token: "<|eos|>" typed in a prompt stays those characters
+    (`split_special_tokens`; in a chat prompt, `_plain_content_ids`).
     """
     if prompt_format not in PROMPT_FORMATS:
         raise InputError(f"unknown prompt format {prompt_format!r}; choose from {PROMPT_FORMATS}")
@@ -212,12 +404,71 @@ def prompt_token_ids(tokenizer, prompt, prompt_format="auto") -> list:
         if not isinstance(prompt, str):
             raise InputError("a chat-format prompt needs a tokenizer with a chat template (and --prompt_format chat)")
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        return bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return bos + tokenizer(prompt, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     if tokenizer.chat_template is None:
         raise InputError("--prompt_format chat: the tokenizer has no chat template")
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    controls = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+    if any(c in m["content"] for m in messages for c in controls):
+        return _plain_content_ids(tokenizer, messages)
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     return list(ids)
+
+
+def _plain_content_ids(tokenizer, messages) -> list:
+    """The chat template's ids with each message's content tokenised as plain text.
+
+    The template is rendered with a placeholder per message; its own text (control tokens
+    included) is tokenised as usual, each content with `split_special_tokens`. Used only for
+    content that holds a control string, so every other prompt keeps the template's exact ids.
+    """
+    marks = [f"\ue000{n}\ue001" for n in range(len(messages))]
+    text = tokenizer.apply_chat_template([dict(m, content=k) for m, k in zip(messages, marks)],
+                                         add_generation_prompt=True, tokenize=False)
+    parts = re.split("\ue000(\\d+)\ue001", text)  # template, message index, template, ...
+    for contents in ([m["content"] for m in messages], [m["content"].strip() for m in messages]):
+        full = "".join(contents[int(p)] if n % 2 else p for n, p in enumerate(parts))
+        if full == tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False):
+            break  # the template inserts the contents as they are (or stripped, as Gemma's does)
+    else:
+        raise InputError("the prompt holds the tokenizer's control strings and the chat template changes "
+                         "message contents, so they cannot be kept as plain text")
+    ids = []
+    for n, p in enumerate(parts):
+        if n % 2:
+            ids += tokenizer(contents[int(p)], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        elif p:
+            ids += tokenizer(p, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def model_context(model_dir):
+    """The longest sequence the model takes (max_position_embeddings), or None if it does not say."""
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{model_dir}: could not read the model config ({str(e).strip().splitlines()[0]})") from e
+    return getattr(config.get_text_config(), "max_position_embeddings", None)
+
+
+def checked_prompt_ids(records, tokenizer, path, limit=None, why="", prompt_format="auto"):
+    """Every record's prompt ids; a prompt the chat template refuses, or one longer than `limit`
+    tokens, stops the stage with its file and line, before any work."""
+    from jinja2 import TemplateError
+
+    def line(n):  # a dataset (not a JSONL file) has rows
+        return record_line(path, n) if Path(path).is_file() else f"row {n}"
+    out = []
+    for n, rec in enumerate(records):
+        try:
+            ids = prompt_token_ids(tokenizer, rec["prompt"], prompt_format)
+        except (InputError, TemplateError, ValueError) as e:
+            _fail(path, line(n), "prompt", f"the chat template refused it: {e}")
+        if limit is not None and len(ids) > limit:
+            _fail(path, line(n), "prompt", f"{len(ids)} tokens, longer than {limit} {why}")
+        out.append(ids)
+    return out
 
 
 def prompt_text(prompt) -> str:
@@ -228,8 +479,9 @@ def prompt_text(prompt) -> str:
 
 
 def response_token_ids(tokenizer, response: str, truncated: bool) -> list:
-    """A response's ids as trained on: its text, plus EOS when generation ended by itself."""
-    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    """A response's ids as trained on: its text (control strings in it stay text), plus EOS when
+    generation ended by itself."""
+    ids = tokenizer(response, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     return ids if truncated else ids + [tokenizer.eos_token_id]
 
 
@@ -301,9 +553,10 @@ def shard_of(records, rank, world):
 
 def shard_path(out, records, rank, world, config) -> Path:
     """Where rank `rank` writes its shard of `out`: named by a hash of the stage's config and of
-    the shard's record ids, so a re-run with other flags or other input never reuses a stale shard."""
-    ids = [r["id"] for r in shard_of(records, rank, world)]
-    key = hashlib.sha256(json.dumps([config, ids], sort_keys=True, default=str).encode()).hexdigest()[:12]
+    the shard's records (their whole content, not only ids), so a re-run with other flags or an
+    edited input never reuses a stale shard."""
+    shard = shard_of(records, rank, world)
+    key = hashlib.sha256(json.dumps([config, shard], sort_keys=True, default=str).encode()).hexdigest()[:12]
     out = Path(out)
     return out.with_name(out.name + ".shards") / f"{key}-{rank:05d}-of-{world:05d}.jsonl"
 

@@ -24,8 +24,9 @@ import os
 import torch
 from tqdm import tqdm
 
-from common import (PROMPT_FORMATS, InputError, dist_env, fail_with, load_model, load_tokenizer, prompt_token_ids, read_records,
-                    run_info, run_sharded, write_json)
+from common import (PROMPT_FORMATS, InputError, check_model_path, check_output, checked_prompt_ids, dist_env, fail_with, load_model,
+                    load_tokenizer, model_context, nonneg_float, nonneg_int, path_stamp, positive_int, probability,
+                    prompt_token_ids, read_records, run_info, run_sharded, watch_launcher, write_json)
 
 
 def row_seed(seed: int, prompt_id, k: int) -> int:
@@ -136,29 +137,37 @@ def main(argv=None):
     ap.add_argument("--model", required=True, help="HF model directory (or hub name) of pi_t")
     ap.add_argument("--prompts", required=True, help="JSONL with id and prompt")
     ap.add_argument("--out", required=True, help="JSONL to write")
-    ap.add_argument("--K", type=int, default=5, help="samples per prompt (paper: 5)")
-    ap.add_argument("--temperature", type=float, default=1.0, help="paper 1.0, official code 0.7; 0 = greedy")
-    ap.add_argument("--top_p", type=float, default=1.0, help="paper 1.0, official code 0.9")
-    ap.add_argument("--top_k", type=int, default=0, help="0 = no top-k filter")
-    ap.add_argument("--max_new_tokens", type=int, default=512)
+    ap.add_argument("--K", type=positive_int, default=5, help="samples per prompt (paper: 5)")
+    ap.add_argument("--temperature", type=nonneg_float, default=1.0, help="paper 1.0, official code 0.7; 0 = greedy")
+    ap.add_argument("--top_p", type=probability, default=1.0, help="paper 1.0, official code 0.9")
+    ap.add_argument("--top_k", type=nonneg_int, default=0, help="0 = no top-k filter")
+    ap.add_argument("--max_new_tokens", type=positive_int, default=512)
     ap.add_argument("--prompt_format", default="auto", choices=PROMPT_FORMATS,
                     help="chat: the chat template; plain: BOS + prompt text, the response continues it (base "
                          "models); auto: chat if the tokenizer has a template")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch_size", type=int, default=8, help="prompts per generate call (x K rows)")
+    ap.add_argument("--batch_size", type=positive_int, default=8, help="prompts per generate call (x K rows)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="auto: bfloat16 on GPU, float32 on CPU")
     ap.add_argument("--backend", default="hf", choices=["hf", "vllm"], help="vllm: GPUs, requirements-vllm.txt")
-    ap.add_argument("--tensor_parallel_size", type=int, default=1, help="vllm: GPUs per engine")
+    ap.add_argument("--tensor_parallel_size", type=positive_int, default=1, help="vllm: GPUs per engine")
     args = ap.parse_args(argv)
-    if args.K < 1:
-        fail_with(InputError("--K must be at least 1"))
+    watch_launcher()
     rank, world, local_rank = dist_env()
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     dtype = {"auto": torch.bfloat16 if device != "cpu" else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    try:  # every rank reads and checks the whole file, so bad input stops all ranks alike
+    try:  # every rank checks paths and the whole file, so bad input stops all ranks alike, before any work
+        check_model_path(args.model)
+        check_output(args.out)
         records = read_records(args.prompts, stage="prompts")
+        context = model_context(args.model)  # a prompt must leave room for the new tokens
+        if context and args.max_new_tokens >= context:
+            raise InputError(f"--max_new_tokens {args.max_new_tokens}: the model takes only {context} tokens in all")
+        checked_prompt_ids(records, load_tokenizer(args.model), args.prompts,
+                           context and context - args.max_new_tokens,
+                           f"the model's context ({context}) minus --max_new_tokens ({args.max_new_tokens})",
+                           args.prompt_format)
     except InputError as e:
         fail_with(e)
 
@@ -173,7 +182,7 @@ def main(argv=None):
                                   args.max_new_tokens, args.seed, args.batch_size,
                                   desc="generate" if world == 1 else f"generate rank {rank}/{world}",
                                   prompt_format=args.prompt_format)
-    run_sharded(records, args.out, work, config=vars(args))
+    run_sharded(records, args.out, work, config=dict(vars(args), model=path_stamp(args.model)))
     if rank == 0:
         write_json(f"{args.out}.info.json", dict(run_info(vars(args)), world_size=world))
 

@@ -26,8 +26,9 @@ from pathlib import Path
 # 5). Set before torch loads libgomp; every stage process inherits it; a user's setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from common import (PROMPT_FORMATS, InputError, atomic_write, fail_with, load_prompts, prompt_text, read_records, run_info, write_json,
-                    write_records)
+from common import (PROMPT_FORMATS, InputError, atomic_write, check_model_path, checked_prompt_ids, fail_with, finite_float,
+                    load_prompts, load_tokenizer, model_context, nonneg_float, nonneg_int, positive_int, probability,
+                    prompt_text, read_records, run_info, write_json, write_records)
 
 HERE = Path(__file__).resolve().parent
 
@@ -57,6 +58,13 @@ for _name, _model, _micro in [("mistral-7b", "mistralai/Mistral-7B-Instruct-v0.2
                               ("gemma-2-9b", "google/gemma-2-9b-it", 4)]:
     PRESETS[_name] = dict(PRESETS["paper"], model=_model, prompts=OFFICIAL_PROMPTS, judge="pairrm", p_mode="scores",
                           backend="vllm", micro_batch=_micro)
+# the stages' own checks of these flags, applied here so a bad value stops the run before any work
+FLAG_TYPES = dict(K=positive_int, temperature=nonneg_float, top_p=probability, top_k=nonneg_int,
+                  max_new_tokens=positive_int, eta=finite_float, lr=nonneg_float, epochs=positive_int,
+                  global_batch=positive_int, micro_batch=positive_int, max_prompt_length=positive_int,
+                  max_length=positive_int)
+# settings a run directory can be resumed with when they change: how the work runs, not what it computes
+RESUME_FREE = ("dry_run", "nproc_per_node", "run_dir", "save_every")
 
 
 def parse_args(argv=None):
@@ -67,7 +75,7 @@ def parse_args(argv=None):
     ap.add_argument("--prompt_split", default="train", help="dataset split of the prompt sources")
     ap.add_argument("--prompt_column", default="prompt", help="dataset column holding the prompt")
     ap.add_argument("--eval_prompts", help="held-out prompts: greedy outputs per iteration in AlpacaEval format")
-    ap.add_argument("--eval_max", type=int, default=805, help="at most this many eval prompts")
+    ap.add_argument("--eval_max", type=nonneg_int, default=805, help="at most this many eval prompts")
     ap.add_argument("--judge", help="pairrm, reward or module:factory for rank.py")
     ap.add_argument("--judge_path", help="what the judge loads")
     ap.add_argument("--p_mode", help="pairrm: pairwise (the paper's P) or scores (official)")
@@ -75,18 +83,19 @@ def parse_args(argv=None):
     ap.add_argument("--prompt_format", default="auto", choices=PROMPT_FORMATS,
                     help="chat template, plain text (base models) or auto (chat if the tokenizer has a template)")
     ap.add_argument("--run_dir", help="default runs/toy-seed{seed} for the toy world")
-    ap.add_argument("--iterations", type=int, default=3)
+    ap.add_argument("--iterations", type=positive_int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--preset", choices=sorted(PRESETS), help="default: toy without --model, else paper; "
                     "toy and sentiment without --model: that built-in world")
     ap.add_argument("--loss_type", default="sppo")
     ap.add_argument("--optimizer", default="rmsprop")
-    ap.add_argument("--nproc_per_node", type=int, default=1,
+    ap.add_argument("--nproc_per_node", type=positive_int, default=1,
                     help="processes per stage, e.g. one per GPU; > 1: each stage runs under torchrun")
-    ap.add_argument("--save_every", type=int, default=0, help="train.py: resumable checkpoint every N steps")
+    ap.add_argument("--save_every", type=nonneg_int, default=0, help="train.py: resumable checkpoint every N steps")
     ap.add_argument("--dry-run", dest="dry_run", action="store_true", help="print config and commands only")
     for key, value in PRESETS["paper"].items():
-        ap.add_argument(f"--{key}", type=type(value), default=None, help=f"preset default (paper: {value})")
+        ap.add_argument(f"--{key}", type=FLAG_TYPES.get(key, type(value)), default=None,
+                        help=f"preset default (paper: {value})")
     args = ap.parse_args(argv)
     args.preset = args.preset or ("paper" if args.model else "toy")
     for key, value in PRESETS[args.preset].items():
@@ -105,10 +114,14 @@ def run(cmd, dry_run, timings=None, **where):
     print("+ " + " ".join(str(c) for c in cmd), flush=True)
     if not dry_run:
         t0 = time.time()
-        proc = subprocess.Popen([str(c) for c in cmd], cwd=HERE)
+        # the stage (and each torchrun rank) exits when this process is gone (common.watch_launcher)
+        proc = subprocess.Popen([str(c) for c in cmd], cwd=HERE, env=dict(os.environ, SPPO_LAUNCHER_PID=str(os.getpid())))
         _, status, usage = os.wait4(proc.pid, 0)  # the stage's own resource usage, peak RSS included
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise subprocess.CalledProcessError(os.waitstatus_to_exitcode(status), cmd)
+        code = os.waitstatus_to_exitcode(status)
+        if code:  # the stage said why; no traceback of ours on top
+            script = next(Path(str(c)).name for c in cmd if str(c).endswith(".py"))
+            print(f"error: iteration {where['iteration']}: {script} exited with code {code}", file=sys.stderr)
+            sys.exit(code)
         if timings is not None:
             log_time(timings, t0, peak_rss_gb=round(usage.ru_maxrss / 2**20, 2), **where)
 
@@ -133,14 +146,46 @@ def launcher(nproc):
 
 
 def prompt_slices(args):
-    """One list of prompt records per iteration: a source per iteration, or one source split."""
+    """One list of prompt records per iteration: a source per iteration, or one source split.
+
+    Every prompt is checked now, as generate.py and train.py will check it (the chat template
+    takes it, it fits the model's context with the new tokens and leaves room for a response
+    within --max_length), so a bad prompt of the last iteration does not wait for it.
+    """
     sources = args.prompts.split(",")
+    if len(sources) not in (1, args.iterations):
+        raise InputError(f"--prompts: {len(sources)} sources for {args.iterations} iterations "
+                         f"(give 1 or {args.iterations})")
     loaded = [load_prompts(s, args.prompt_split, args.prompt_column) for s in sources]
-    if len(loaded) == args.iterations:
-        return loaded
-    if len(loaded) == 1:
-        return split_prompts(loaded[0], args.iterations)
-    raise InputError(f"--prompts: {len(loaded)} sources for {args.iterations} iterations (give 1 or {args.iterations})")
+    tokenizer, context = load_tokenizer(args.model), model_context(args.model)
+    limit = context and context - args.max_new_tokens
+    for source, records in zip(sources, loaded):
+        ids = checked_prompt_ids(records, tokenizer, source, limit,
+                                 f"the model's context ({context}) minus --max_new_tokens ({args.max_new_tokens})",
+                                 args.prompt_format)
+        longest = max(min(len(p), args.max_prompt_length) for p in ids)
+        if longest >= args.max_length:
+            raise InputError(f"--max_length {args.max_length}: {source} has a prompt of {longest} tokens "
+                             f"(after --max_prompt_length {args.max_prompt_length}), no room for a response")
+    slices = loaded if len(loaded) == args.iterations else split_prompts(loaded[0], args.iterations)
+    for t, records in enumerate(slices, 1):
+        if not records:
+            raise InputError(f"--prompts: iteration {t} of {args.iterations} gets no prompts "
+                             f"({sum(map(len, loaded))} prompts in all)")
+    return slices
+
+
+def check_same_settings(config_path, config):
+    """A run directory is resumed only with the settings that made it (RESUME_FREE aside):
+    otherwise its finished stages would be kept as if made with the new ones."""
+    if not config_path.exists():
+        return
+    saved = json.loads(config_path.read_text())["config"]
+    diff = sorted(k for k in set(saved) | set(config) if k not in RESUME_FREE and saved.get(k) != config.get(k))
+    if diff:
+        details = "; ".join(f"--{k}: {saved.get(k)!r} in the run, {config.get(k)!r} now" for k in diff)
+        raise InputError(f"{config_path}: this run directory was made with other settings ({details}). "
+                         "Give the same flags to resume it, or another --run_dir")
 
 
 def export_alpaca_eval(responses_path, out_path, generator):
@@ -178,14 +223,16 @@ def main(argv=None):
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     print(json.dumps(config, indent=2))
     if not args.dry_run:
-        write_json(run_dir / "config.json", run_info(config))
-        try:
+        try:  # everything checked before any work: the run directory's settings, model, every slice
+            check_same_settings(run_dir / "config.json", config)
+            check_model_path(args.model)
             slices = prompt_slices(args)
-            if args.eval_prompts and not (run_dir / "eval_prompts.jsonl").exists():
-                write_records(run_dir / "eval_prompts.jsonl",
-                              load_prompts(args.eval_prompts, args.prompt_split, args.prompt_column)[:args.eval_max])
+            eval_prompts = args.eval_prompts and load_prompts(args.eval_prompts, args.prompt_split, args.prompt_column)
         except InputError as e:
             fail_with(e)
+        write_json(run_dir / "config.json", run_info(config))
+        if eval_prompts and not (run_dir / "eval_prompts.jsonl").exists():
+            write_records(run_dir / "eval_prompts.jsonl", eval_prompts[:args.eval_max])
 
     def export(t, model_dir):  # greedy outputs of pi_t on the eval prompts, for alpaca_eval
         out = run_dir / f"iter{t}" / "eval_responses.jsonl"

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import InputError, dist_env, fail_with, prompt_text, read_records, run_sharded
+from common import (InputError, check_output, dist_env, fail_with, path_stamp, positive_int, preference_matrix_problem,
+                    prompt_text, read_records, run_sharded, watch_launcher)
 from sppo_loss import prob_matrix_from_scores, win_rates
 
 PAIRRM_HUB_NAME = "llm-blender/PairRM"
@@ -244,10 +245,23 @@ def make_judge(spec: str, path=None, p_mode="pairwise", max_length=None, batch_s
         return PairRMJudge(path, p_mode=p_mode, max_length=max_length, batch_size=batch_size, device=device)
     if spec == "reward":
         return RewardJudge(path, max_length=max_length, batch_size=batch_size, device=device)
-    if ":" in spec:
-        module_name, factory = spec.split(":", 1)
-        return getattr(importlib.import_module(module_name), factory)(path)
-    raise InputError(f"unknown judge {spec!r}: give pairrm, reward or module:factory")
+    return judge_factory(spec)(path)
+
+
+def judge_factory(spec: str):
+    """The factory a `module:factory` judge spec names, imported now: a typo fails before any work."""
+    if spec in ("pairrm", "reward"):
+        return None
+    module_name, _, factory = spec.partition(":")
+    if not (module_name and factory):
+        raise InputError(f"--judge {spec!r}: unknown judge; give pairrm, reward or module:factory")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise InputError(f"--judge {spec!r}: cannot import module {module_name!r} ({e})") from e
+    if not callable(getattr(module, factory, None)):
+        raise InputError(f"--judge {spec!r}: module {module_name!r} has no factory {factory!r}")
+    return getattr(module, factory)
 
 
 def checked_matrix(P, K, rec_id):
@@ -257,6 +271,9 @@ def checked_matrix(P, K, rec_id):
         raise InputError(f"judge returned P of shape {tuple(P.shape)} for id {rec_id!r}, expected {K} x {K}")
     if torch.isnan(P).any() or (P < 0).any() or (P > 1).any():
         raise InputError(f"judge returned P outside [0, 1] for id {rec_id!r}")
+    problem = preference_matrix_problem(P.tolist())
+    if problem:
+        raise InputError(f"judge returned a P that is not a preference matrix for id {rec_id!r}: {problem}")
     return P
 
 
@@ -285,12 +302,13 @@ def main(argv=None):
                          "reward model dir, world file")
     ap.add_argument("--p_mode", choices=P_MODES, default="pairwise",
                     help="pairrm: P = sigmoid of each pair's mean two-order logit (paper) or of score differences (official)")
-    ap.add_argument("--judge_max_length", type=int, default=None,
+    ap.add_argument("--judge_max_length", type=positive_int, default=None,
                     help="pairrm: tokens per response (its candidate_maxlength); reward: tokens per sequence")
-    ap.add_argument("--judge_batch_size", type=int, default=32, help="sequences per judge forward")
+    ap.add_argument("--judge_batch_size", type=positive_int, default=32, help="sequences per judge forward")
     ap.add_argument("--judge_device", default=None, help="default: cuda:LOCAL_RANK on GPUs, else cpu")
-    ap.add_argument("--batch_size", type=int, default=16, help="prompts per judge call")
+    ap.add_argument("--batch_size", type=positive_int, default=16, help="prompts per judge call")
     args = ap.parse_args(argv)
+    watch_launcher()
     rank, world, local_rank = dist_env()
     device = args.judge_device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     judges = []
@@ -299,9 +317,11 @@ def main(argv=None):
         judges.append(make_judge(args.judge, args.judge_path, p_mode=args.p_mode, max_length=args.judge_max_length,
                                  batch_size=args.judge_batch_size, device=device))
         return rank_records(shard, judges[0], args.batch_size, desc="rank" if world == 1 else f"rank {rank}/{world}")
-    try:  # every rank reads and checks the whole file, so bad input stops all ranks alike
+    try:  # every rank checks paths, judge and the whole file, so bad input stops all ranks alike, before any work
+        check_output(args.out)
+        judge_factory(args.judge)
         records = read_records(args.responses, stage="responses")
-        run_sharded(records, args.out, work, config=vars(args))
+        run_sharded(records, args.out, work, config=dict(vars(args), judge_path=path_stamp(args.judge_path or "")))
     except InputError as e:
         fail_with(e)
     if judges and getattr(judges[0], "cut", 0):

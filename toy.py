@@ -172,8 +172,14 @@ class ToyJudge:
     """Exact preferences: a response is one of the family's answers or invalid."""
 
     def __init__(self, world_path):
-        world = json.loads(Path(world_path).read_text())
-        self.families = {f: (v["answers"], np.array(v["matrix"])) for f, v in world["families"].items()}
+        if world_path is None or not Path(world_path).is_file():
+            raise InputError(f"--judge_path {world_path}: the toy judge needs the world file (world.json)")
+        try:
+            world = json.loads(Path(world_path).read_text(encoding="utf-8"))
+            families = world["families"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise InputError(f"--judge_path {world_path}: not a toy world file ({e!r})") from e
+        self.families = {f: (v["answers"], np.array(v["matrix"])) for f, v in families.items()}
 
     def family(self, prompt: str) -> str:
         """The family a question is about: the one category word it names."""

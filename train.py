@@ -38,8 +38,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import (PROMPT_FORMATS, InputError, atomic_write, collate, dist_env, fail_with, load_model, load_tokenizer,
-                    prompt_token_ids, read_records, response_token_ids, run_info, sequence_logps, write_json)
+from common import (PROMPT_FORMATS, InputError, atomic_write, check_model_path, check_output, collate, dist_env, fail_with, finite_float,
+                    fraction, load_model, load_tokenizer, nonneg_float, nonneg_int, positive_float, positive_int,
+                    prompt_token_ids, read_records, record_line, response_token_ids, run_info, sequence_logps,
+                    watch_launcher, write_json)
 from sppo_loss import LOSS_TYPES, preference_loss, responses_used
 
 # flags that change how, not what, is computed (up to rounding): a checkpoint resumes across them
@@ -52,19 +54,20 @@ def parse_args(argv=None):
     ap.add_argument("--ranked", required=True, help="JSONL from rank.py")
     ap.add_argument("--out", required=True, help="directory for pi_{t+1}")
     ap.add_argument("--loss_type", default="sppo", choices=LOSS_TYPES)
-    ap.add_argument("--eta", type=float, default=1000.0, help="SPPO step size (official: 1000, i.e. beta=1e-3)")
-    ap.add_argument("--beta", type=float, default=0.1, help="DPO/IPO beta")
+    ap.add_argument("--eta", type=finite_float, default=1000.0, help="SPPO step size (official: 1000, i.e. beta=1e-3)")
+    ap.add_argument("--beta", type=positive_float, default=0.1, help="DPO/IPO beta")
     ap.add_argument("--optimizer", default="rmsprop", choices=["rmsprop", "adamw"])
-    ap.add_argument("--lr", type=float, default=5e-7)
+    ap.add_argument("--lr", type=nonneg_float, default=5e-7)
     ap.add_argument("--lr_schedule", default="linear", choices=["linear", "constant"], help="after warmup")
-    ap.add_argument("--warmup_ratio", type=float, default=0.1)
-    ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--global_batch", type=int, default=64, help="prompts per optimizer step, all ranks")
-    ap.add_argument("--micro_batch", type=int, default=8,
+    ap.add_argument("--warmup_ratio", type=fraction, default=0.1)
+    ap.add_argument("--epochs", type=positive_int, default=1)
+    ap.add_argument("--global_batch", type=positive_int, default=64, help="prompts per optimizer step, all ranks")
+    ap.add_argument("--micro_batch", type=positive_int, default=8,
                     help="prompts per forward on one rank; gradients accumulate over ceil(global_batch / world / micro_batch)")
-    ap.add_argument("--grad_clip", type=float, default=1.0, help="max grad norm; 0 = off")
-    ap.add_argument("--max_prompt_length", type=int, default=512, help="prompt tokens kept (the last ones)")
-    ap.add_argument("--max_length", type=int, default=1024, help="prompt + response tokens")
+    ap.add_argument("--grad_clip", type=nonneg_float, default=1.0, help="max grad norm; 0 = off")
+    ap.add_argument("--max_prompt_length", type=positive_int, default=512,
+                    help="prompt tokens kept (the last ones; longer prompts are cut, counted and reported)")
+    ap.add_argument("--max_length", type=positive_int, default=1024, help="prompt + response tokens")
     ap.add_argument("--prompt_format", default="auto", choices=PROMPT_FORMATS,
                     help="as generate.py: chat template, plain text (base models), or auto")
     ap.add_argument("--seed", type=int, default=0)
@@ -74,26 +77,33 @@ def parse_args(argv=None):
                     help="keep the input embedding (and a tied LM head) fixed: no gradient or optimizer state for it")
     ap.add_argument("--grad_checkpointing", action="store_true", help="recompute each decoder layer in backward")
     ap.add_argument("--cpu_offload", action="store_true", help="FSDP2 keeps parameters, grads, optimizer on CPU (torchrun, GPU)")
-    ap.add_argument("--save_every", type=int, default=0, help="resumable checkpoint every N steps and at the end (0: none)")
+    ap.add_argument("--save_every", type=nonneg_int, default=0, help="resumable checkpoint every N steps and at the end (0: none)")
     return ap.parse_args(argv)
 
 
-def build_examples(records, tokenizer, loss_type, max_prompt_length, max_length, prompt_format="auto"):
+def build_examples(records, tokenizer, loss_type, max_prompt_length, max_length, prompt_format="auto", path=None):
     """Token ids of the responses each prompt trains on, with their P and win rates.
 
     Returns (examples, n_cut): example = dict(prompt_ids, response_ids [R lists], P, win_rate,
-    used); n_cut counts responses shortened to fit max_length (their EOS is then lost).
+    used); n_cut = {"responses": shortened to fit max_length (their EOS is then lost),
+    "prompts": cut to their last max_prompt_length tokens}. A prompt that leaves no room for a
+    response within max_length is an error naming its line in `path`.
     """
-    examples, n_cut = [], 0
-    for rec in records:
+    examples, n_cut = [], {"responses": 0, "prompts": 0}
+    for n, rec in enumerate(records):
         win_rate = torch.tensor([rec["win_rate"]], dtype=torch.float32)
         used = responses_used(loss_type, win_rate)[0]
-        prompt_ids = prompt_token_ids(tokenizer, rec["prompt"], prompt_format)[-max_prompt_length:]
+        prompt_ids = prompt_token_ids(tokenizer, rec["prompt"], prompt_format)
+        n_cut["prompts"] += len(prompt_ids) > max_prompt_length
+        prompt_ids = prompt_ids[-max_prompt_length:]
         budget = max_length - len(prompt_ids)
+        if budget < 1:
+            raise InputError(f"{f'{path}:{record_line(path, n)}' if path else f'record {n + 1}'}: field 'prompt': "
+                             f"{len(prompt_ids)} tokens leave no room for a response within --max_length {max_length}")
         responses = []
         for k in used.tolist():
             ids = response_token_ids(tokenizer, rec["responses"][k], rec.get("truncated", [False] * len(rec["responses"]))[k])
-            n_cut += len(ids) > budget
+            n_cut["responses"] += len(ids) > budget
             responses.append(ids[:budget])
         examples.append({"prompt_ids": prompt_ids, "response_ids": responses, "used": used,
                          "P": torch.tensor(rec["P"], dtype=torch.float32), "win_rate": win_rate[0]})
@@ -162,14 +172,24 @@ def accumulate_gradients(model, micro_batches, scale, args, pad_id, device, auto
 
 
 def optimizer_step(model, optimizer, scheduler, grad_clip):
-    """Clip, step, zero the gradients, advance the schedule -> (grad norm before clipping, lr used)."""
+    """Clip, step, zero the gradients, advance the schedule -> (grad norm before clipping, lr used).
+
+    A non-finite gradient (a NaN or an overflow anywhere in the loss) stops training before the
+    step can write NaN into the parameters; the norm is global, so every rank stops alike.
+    """
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor under FSDP2
+    if not torch.isfinite(grad_norm):
+        raise NonFiniteError(f"gradient norm {grad_norm.item()}")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     lr = scheduler.get_last_lr()[0]
     scheduler.step()
     return grad_norm.item(), lr
+
+
+class NonFiniteError(ArithmeticError):
+    """The loss or gradient of a step is NaN or infinite: training stops, nothing is saved."""
 
 
 def data_order(n, seed, epoch):
@@ -270,6 +290,7 @@ def check_resumable(path: Path, config):
 
 def main(argv=None):
     args = parse_args(argv)
+    watch_launcher()
     rank, world, local_rank = dist_env()
     master = rank == 0
     fsdp = "RANK" in os.environ  # under torchrun (even with 1 process): FSDP2
@@ -284,18 +305,26 @@ def main(argv=None):
     try:
         if args.cpu_offload and not (fsdp and device.type == "cuda"):
             raise InputError("--cpu_offload needs torchrun on GPUs (FSDP2 offloads to CPU from GPU memory)")
+        check_model_path(args.model)
+        check_output(out, directory=True)
+        if out.is_dir() and any(out.iterdir()) and not (out / "train_info.json").exists():
+            raise InputError(f"--out {out}: exists and was not written by train.py (no train_info.json); "
+                             "refusing to replace it: move it away or give another --out")
         records = read_records(args.ranked, stage="ranked")
         tokenizer = load_tokenizer(args.model)
         examples, n_cut = build_examples(records, tokenizer, args.loss_type, args.max_prompt_length, args.max_length,
-                                         args.prompt_format)
+                                         args.prompt_format, path=args.ranked)
         config = dict(vars(args), world_size=world, ranked_sha256=hashlib.sha256(Path(args.ranked).read_bytes()).hexdigest())
         resume = latest_checkpoint(ckpt_dir)
         if resume is not None:
             check_resumable(resume, config)
     except InputError as e:
         fail_with(e)
-    if master and n_cut:
-        print(f"warning: {n_cut} responses cut to --max_length {args.max_length}; generate with fewer new tokens")
+    if master and n_cut["responses"]:
+        print(f"warning: {n_cut['responses']} responses cut to --max_length {args.max_length}; "
+              "generate with fewer new tokens")
+    if master and n_cut["prompts"]:
+        print(f"warning: {n_cut['prompts']} prompts cut to their last --max_prompt_length {args.max_prompt_length} tokens")
     if fsdp:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
@@ -385,9 +414,15 @@ def main(argv=None):
         # ranks, hence * world: the gradient is the same for any number of processes
         stats = accumulate_gradients(model, micro_batches, world / len(batch_idx), args, tokenizer.pad_token_id,
                                      device, autocast, fsdp)
-        grad_norm, lr_now = optimizer_step(model, optimizer, scheduler, args.grad_clip)
-        if fsdp:
-            dist.all_reduce(stats)
+        try:  # a NaN or overflow stops the run here, before anything is saved
+            grad_norm, lr_now = optimizer_step(model, optimizer, scheduler, args.grad_clip)
+            if fsdp:
+                dist.all_reduce(stats)
+            if not torch.isfinite(stats).all():
+                raise NonFiniteError(f"loss {stats[0].item() / stats[3].item()}")
+        except NonFiniteError as e:
+            fail_with(InputError(f"step {step + 1}: non-finite {e}; training stopped and nothing was saved "
+                                 "(lower --lr or --eta, or check --model)"))
         if master:
             n = stats[3].item()
             log.write(json.dumps({"step": step + 1, "epoch": epoch, "loss": stats[0].item() / n, "lr": lr_now,
@@ -418,7 +453,8 @@ def main(argv=None):
         tokenizer.save_pretrained(final)
         shutil.copy(work_dir / "metrics.jsonl", final / "metrics.jsonl")
         write_json(final / "train_info.json", dict(run_info(config), examples=len(examples), steps=total_steps,
-                                                   resumed_from_step=start_step, responses_cut=n_cut, world_size=world))
+                                                   resumed_from_step=start_step, responses_cut=n_cut["responses"],
+                                                   prompts_cut=n_cut["prompts"], world_size=world))
         shutil.rmtree(out, ignore_errors=True)
         os.replace(final, out)
         shutil.rmtree(work_dir)  # the training checkpoint is not needed once pi_{t+1} is in place
