@@ -239,3 +239,10 @@ def test_end_to_end_one_iteration_reloads_and_resumes(tmp_path, toy_world):
     res = run_stage(*cmd)
     assert res.returncode == 0 and "generate.py" not in res.stdout and "train.py" not in res.stdout
     assert (run_dir / "iter1/model/model.safetensors").stat().st_mtime_ns == stamp
+    # other settings are refused, naming them, before anything is rewritten
+    config = (run_dir / "config.json").read_bytes()
+    res = run_stage(*cmd, "--K", "4", "--eta", "1")
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "--K: 3 in the run, 4 now" in res.stderr and "--eta: 10.0 in the run, 1.0 now" in res.stderr, res.stderr
+    assert (run_dir / "config.json").read_bytes() == config
+    assert (run_dir / "iter1/model/model.safetensors").stat().st_mtime_ns == stamp
