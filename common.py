@@ -4,6 +4,7 @@ and the split of a stage's records over torchrun's processes.
 Kept small on purpose: one place for each idea that more than one stage needs.
 """
 import argparse
+import functools
 import glob
 import hashlib
 import inspect
@@ -408,11 +409,16 @@ def prompt_token_ids(tokenizer, prompt, prompt_format="auto") -> list:
     if tokenizer.chat_template is None:
         raise InputError("--prompt_format chat: the tokenizer has no chat template")
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    controls = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
-    if any(c in m["content"] for m in messages for c in controls):
+    if any(c in m["content"] for m in messages for c in control_strings(tokenizer)):
         return _plain_content_ids(tokenizer, messages)
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     return list(ids)
+
+
+@functools.lru_cache(maxsize=8)
+def control_strings(tokenizer) -> tuple:
+    """The texts of the tokenizer's special tokens (Gemma has thousands: worked out once)."""
+    return tuple(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
 
 
 def _plain_content_ids(tokenizer, messages) -> list:
