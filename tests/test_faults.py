@@ -1,6 +1,5 @@
-"""Fault injection: kill -9 each stage of an iteration at a random point (seeded), re-run, and end
-byte-identical to an uninterrupted run with nothing stale left."""
-import json
+"""Fault injection: kill -9 each stage at a random point of its work (seeded), run it again, and
+end byte-identical to an uninterrupted run with nothing stale left."""
 import os
 import random
 import signal
@@ -9,67 +8,75 @@ import sys
 import time
 from pathlib import Path
 
+import generate
+import rank
 import toy
+import train
 from common import write_records
-from test_distributed import process_tree
+from test_distributed import in_process, process_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 1234  # where the kills land
-# files whose content records when or how the run went (times, argv, resumed step), not its results
-RUN_RECORDS = {"config.json", "timings.jsonl", "train_info.json", "metrics.jsonl", "responses.jsonl.info.json"}
+RUN_RECORDS = {"responses.jsonl.info.json", "train_info.json", "metrics.jsonl"}  # times, argv: not results
+# each stage's progress bar shows when its work (not its imports) has begun
+STARTED = {"generate": "generate:", "rank": "rank:", "train": "reference:"}
 
 
-def iterate_cmd(toy_world, prompts, run_dir):
-    return [sys.executable, str(ROOT / "iterate.py"), "--model", str(toy_world["model"]), "--prompts", str(prompts),
-            "--judge", "toy:ToyJudge", "--judge_path", str(toy_world["world"]), "--preset", "toy", "--iterations", "1",
-            "--K", "3", "--epochs", "3", "--global_batch", "4", "--save_every", "1", "--run_dir", str(run_dir)]
+def stage_args(toy_world, d):
+    return {
+        "generate": ["--model", toy_world["model"], "--prompts", d / "prompts.jsonl", "--out", d / "responses.jsonl",
+                     "--K", "3", "--max_new_tokens", "16", "--batch_size", "4", "--seed", "7"],
+        "rank": ["--responses", d / "responses.jsonl", "--out", d / "ranked.jsonl", "--judge", "toy:ToyJudge",
+                 "--judge_path", toy_world["world"], "--batch_size", "4"],
+        "train": ["--model", toy_world["model"], "--ranked", d / "ranked.jsonl", "--out", d / "model", "--eta", "10",
+                  "--lr", "1e-4", "--lr_schedule", "constant", "--epochs", "3", "--global_batch", "8",
+                  "--micro_batch", "4", "--max_prompt_length", "64", "--max_length", "96", "--save_every", "1"],
+    }
 
 
-def stage_running(pid, script):
-    for p in process_tree(pid):
-        try:
-            if script in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace"):
-                return True
-        except OSError:
-            pass
-    return False
+MAINS = {"generate": generate.main, "rank": rank.main, "train": train.main}
 
 
-def files(run_dir):
-    return {str(p.relative_to(run_dir)): p for p in sorted(run_dir.rglob("*")) if p.is_file()}
+def files(d):
+    return {str(p.relative_to(d)): p for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 def test_kill_each_stage_then_rerun_is_byte_identical(tmp_path, toy_world):
-    prompts = tmp_path / "prompts.jsonl"
-    write_records(prompts, toy.make_prompts()[0][:16])
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    ref = tmp_path / "ref"
-    res = subprocess.run(iterate_cmd(toy_world, prompts, ref), cwd=ROOT, env=env, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
-    seconds = {t["stage"]: t["seconds"] for t in map(json.loads, (ref / "timings.jsonl").read_text().splitlines())}
+    ref, run = tmp_path / "ref", tmp_path / "killed"
+    for d in (ref, run):
+        d.mkdir()
+        write_records(d / "prompts.jsonl", toy.make_prompts()[0][:48])
+    work_seconds = {}
+    for stage, args in stage_args(toy_world, ref).items():  # the uninterrupted run, one thread as below
+        t0 = time.time()
+        in_process(MAINS[stage], *args)
+        work_seconds[stage] = time.time() - t0
 
     rng = random.Random(SEED)
-    run_dir = tmp_path / "killed"
-    killed = []
-    for stage in ("generate", "rank", "train"):
-        proc = subprocess.Popen(iterate_cmd(toy_world, prompts, run_dir), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    kills = []
+    for stage, args in stage_args(toy_world, run).items():
+        log = tmp_path / f"{stage}.log"
+        with open(log, "w") as err:
+            proc = subprocess.Popen([sys.executable, str(ROOT / f"{stage}.py"), *map(str, args)], cwd=ROOT, env=env,
+                                    stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         deadline = time.time() + 300
-        while not stage_running(proc.pid, f"{stage}.py"):
-            assert proc.poll() is None and time.time() < deadline, f"{stage} never started"
-            time.sleep(0.02)
-        delay = rng.uniform(0, seconds[stage])
+        while STARTED[stage] not in log.read_text(errors="replace"):
+            assert proc.poll() is None, log.read_text()[-2000:]
+            assert time.time() < deadline
+            time.sleep(0.01)
+        delay = rng.uniform(0, work_seconds[stage])
         time.sleep(delay)
-        for pid in process_tree(proc.pid):  # iterate.py and its stage, at once, no clean-up
+        for pid in process_tree(proc.pid):
             os.kill(pid, signal.SIGKILL)
         proc.wait()
-        killed.append((stage, round(delay, 2), round(seconds[stage], 2)))
-    print("kills (stage, seconds into it, its uninterrupted duration):", killed)
-
-    res = subprocess.run(iterate_cmd(toy_world, prompts, run_dir), cwd=ROOT, env=env, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
-    want, got = files(ref), files(run_dir)
-    assert sorted(got) == sorted(want)  # nothing stale left: no temporaries, shards or checkpoints
+        kills.append((stage, f"{delay:.2f} s of {work_seconds[stage]:.2f} s", "finished" if proc.returncode == 0 else "killed"))
+        in_process(MAINS[stage], *args)  # the same command again
+    print("kills:", kills)
+    for log in tmp_path.glob("*.log"):
+        log.unlink()
+    want, got = files(ref), files(run)
+    assert sorted(got) == sorted(want)  # nothing stale: no temporaries, shards, checkpoints or work dirs
     for name, path in want.items():
         if Path(name).name not in RUN_RECORDS:
             assert got[name].read_bytes() == path.read_bytes(), name
