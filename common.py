@@ -132,7 +132,7 @@ def _parse_json_line(line, path, line_no):
 def record_line(path, index) -> int:
     """The line number of record `index` of a JSONL file read by read_records (blank lines skipped)."""
     with open(path, "rb") as f:
-        lines = [n for n, raw in enumerate(f, 1) if raw.strip()]
+        lines = [n for n, raw in enumerate(f, 1) if raw.decode("utf-8", "replace").strip()]
     return lines[index]
 
 
@@ -309,14 +309,6 @@ def check_output(path, flag="--out", directory=False):
         raise InputError(f"{flag} {path}: {ancestor} is a file, not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise InputError(f"{flag} {path}: {ancestor} is not writable")
-
-
-def check_input_file(path, flag):
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{flag} {path}: file not found")
-    if not path.is_file():
-        raise InputError(f"{flag} {path}: not a file")
 
 
 def check_model_path(name, flag="--model"):
