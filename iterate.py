@@ -147,32 +147,35 @@ def launcher(nproc):
 
 def prompt_slices(args):
     """One list of prompt records per iteration: a source per iteration, or one source split.
-
-    Every prompt is checked now, as generate.py and train.py will check it (the chat template
-    takes it, it fits the model's context with the new tokens and leaves room for a response
-    within --max_length), so a bad prompt of the last iteration does not wait for it.
-    """
+    Every slice is checked now: an empty one is an error before any work."""
     sources = args.prompts.split(",")
     if len(sources) not in (1, args.iterations):
         raise InputError(f"--prompts: {len(sources)} sources for {args.iterations} iterations "
                          f"(give 1 or {args.iterations})")
     loaded = [load_prompts(s, args.prompt_split, args.prompt_column) for s in sources]
-    tokenizer, context = load_tokenizer(args.model), model_context(args.model)
-    limit = context and context - args.max_new_tokens
-    for source, records in zip(sources, loaded):
-        ids = checked_prompt_ids(records, tokenizer, source, limit,
-                                 f"the model's context ({context}) minus --max_new_tokens ({args.max_new_tokens})",
-                                 args.prompt_format)
-        longest = max(min(len(p), args.max_prompt_length) for p in ids)
-        if longest >= args.max_length:
-            raise InputError(f"--max_length {args.max_length}: {source} has a prompt of {longest} tokens "
-                             f"(after --max_prompt_length {args.max_prompt_length}), no room for a response")
     slices = loaded if len(loaded) == args.iterations else split_prompts(loaded[0], args.iterations)
     for t, records in enumerate(slices, 1):
         if not records:
             raise InputError(f"--prompts: iteration {t} of {args.iterations} gets no prompts "
                              f"({sum(map(len, loaded))} prompts in all)")
     return slices
+
+
+def check_prompts_fit(args, slices):
+    """Every prompt of every slice, checked now as generate.py and train.py will check it: the
+    chat template takes it, it fits the model's context with the new tokens, and it leaves room
+    for a response within --max_length. A bad prompt of the last iteration does not wait for it."""
+    tokenizer, context = load_tokenizer(args.model), model_context(args.model)
+    sources = args.prompts.split(",")
+    per_source = slices if len(sources) == len(slices) else [sum(slices, [])]  # each in its file's order
+    for source, records in zip(sources, per_source):
+        ids = checked_prompt_ids(records, tokenizer, source, context and context - args.max_new_tokens,
+                                 f"the model's context ({context}) minus --max_new_tokens ({args.max_new_tokens})",
+                                 args.prompt_format)
+        longest = max(min(len(p), args.max_prompt_length) for p in ids)
+        if longest >= args.max_length:
+            raise InputError(f"--max_length {args.max_length}: {source} has a prompt of {longest} tokens "
+                             f"(after --max_prompt_length {args.max_prompt_length}), no room for a response")
 
 
 def check_same_settings(config_path, config):
@@ -227,6 +230,7 @@ def main(argv=None):
             check_same_settings(run_dir / "config.json", config)
             check_model_path(args.model)
             slices = prompt_slices(args)
+            check_prompts_fit(args, slices)
             eval_prompts = args.eval_prompts and load_prompts(args.eval_prompts, args.prompt_split, args.prompt_column)
         except InputError as e:
             fail_with(e)

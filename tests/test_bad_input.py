@@ -134,7 +134,7 @@ CASES = [
     ("iterate-top-p-0", "iterate", jl(PROMPT), ["--top_p", "0"], "argument --top_p"),
     ("iterate-nproc-0", "iterate", jl(PROMPT), ["--nproc_per_node", "0"], "argument --nproc_per_node"),
     ("iterate-model-missing", "iterate", jl(PROMPT), ["--model", "TMP/nope/model"], "directory not found"),
-    ("iterate-max-length-short", "iterate", jl(PROMPT), ["--max_length", "8"], "--max_length 8: "),
+    ("iterate-max-length-short", "iterate", jl(PROMPT), ["--max_length", "8", "--iterations", "1"], "--max_length 8: "),
     ("iterate-prompts-dir-not-dataset", "iterate", jl(PROMPT), ["--prompts", "TMP"], "not a dataset saved with save_to_disk"),
 ]
 
