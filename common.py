@@ -10,6 +10,7 @@ import os
 import platform
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -217,10 +218,56 @@ def prompt_text(prompt) -> str:
     return next(m["content"] for m in reversed(prompt) if m["role"] == "user")
 
 
+RESPONSE_MARK = "SPPO-RESPONSE-MARK"  # stands for an assistant message's content in a rendered template
+
+
+def around_response(tokenizer, prompt):
+    """(text before, text after) an assistant message that answers `prompt`, as the chat template
+    renders the conversation: everything the template writes around the response's content."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": RESPONSE_MARK}], tokenize=False)
+    before, found, after = text.partition(RESPONSE_MARK)
+    if not found:
+        raise InputError("the chat template does not write the assistant's message")
+    return before, after
+
+
+def templated_prompt_text(tokenizer, prompt) -> str:
+    """The prompt as the official pipeline shows it to PairRM (uclaml/SPPO scripts/rank.py): the
+    chat template's text up to where the assistant's answer starts, special-token text included
+    ("<s>[INST] ... [/INST]"). The official code finds that point by rendering the answer "None"
+    and cutting at the first "None", which also cuts a prompt that contains "None"; here the cut
+    is at the answer itself, so the text is the same for every prompt without "None"."""
+    return around_response(tokenizer, prompt)[0]
+
+
+def response_end_ids(tokenizer) -> list:
+    """The tokens that end an assistant's turn: what the chat template writes right after an
+    assistant message, up to and including its first special token (Llama-3 <|eot_id|>, Gemma
+    <end_of_turn>, Mistral </s>; a newline after it belongs to the next turn). The tokenizer's EOS
+    without a chat template, or if the template writes no special token there."""
+    key = (tokenizer.chat_template, tokenizer.eos_token_id)
+    cached = _END_IDS.get(tokenizer)
+    if cached is not None and cached[0] == key:  # rendering the template costs ~4 tokenizer calls
+        return list(cached[1])
+    ids = [tokenizer.eos_token_id]
+    if tokenizer.chat_template is not None:
+        after = tokenizer(around_response(tokenizer, "x")[1], add_special_tokens=False)["input_ids"]
+        special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        end = next((n for n, i in enumerate(after) if i in special), None)
+        ids = ids if end is None else after[:end + 1]
+    _END_IDS[tokenizer] = (key, ids)
+    return list(ids)
+
+
+_END_IDS = weakref.WeakKeyDictionary()  # tokenizer -> ((chat template, eos), response_end_ids)
+
+
 def response_token_ids(tokenizer, response: str, truncated: bool) -> list:
-    """A response's ids as trained on: its text, plus EOS when generation ended by itself."""
+    """A response's ids as trained on: its text, plus the end-of-turn tokens (response_end_ids)
+    when generation ended by itself."""
     ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    return ids if truncated else ids + [tokenizer.eos_token_id]
+    return ids if truncated else ids + response_end_ids(tokenizer)
 
 
 def collate(pairs, pad_id, padding_side="right"):

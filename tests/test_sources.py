@@ -1,14 +1,16 @@
 """Prompt sources, the vLLM call (a contract test against a fake module), presets and the dry run."""
 import json
+import os
 import subprocess
 import sys
 import types
 from pathlib import Path
 
 import pytest
+import torch
 
 import generate
-from common import InputError, load_prompts, load_tokenizer, prompt_token_ids, write_records
+from common import InputError, load_prompts, load_tokenizer, prompt_token_ids, read_records, shard_of, write_records
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Which fruit suits the picnic?"}]
@@ -87,6 +89,52 @@ def test_vllm_contract(monkeypatch, toy_world):
         assert tok.eos_token_id in sp.kw["stop_token_ids"]
     assert out[0]["responses"] == ["r0", "r1", "r2", "r3"]
     assert out[0]["truncated"] == [False, True, False, True] and out[1]["prompt"] == CHAT
+
+
+CUDA_CALLS = ("is_available", "device_count", "init", "_lazy_init", "is_initialized", "current_device",
+              "get_device_name", "get_device_capability", "set_device", "mem_get_info")
+
+
+@pytest.mark.parametrize("tp,visible", [(1, "5"), (2, "6,7")])
+def test_vllm_is_imported_before_cuda_is_touched(monkeypatch, tmp_path, toy_world, tp, visible):
+    """Contract test of the start-up order (a GPU shows it; see README for the command on one).
+
+    vLLM forks its workers unless CUDA is initialised, and a CUDA driver started before the fork
+    (torch.cuda.is_available() without NVML) breaks them; CUDA_VISIBLE_DEVICES counts only if set
+    before the driver starts. A fake `vllm` package on sys.path records, when it is imported,
+    every torch.cuda call made so far and the environment vLLM reads; generate.main runs as rank 1
+    of 2 under torchrun's variables."""
+    probe = types.ModuleType("vllm_probe")
+    probe.cuda_calls, probe.imports, calls = [], [], {}
+    for name in CUDA_CALLS:  # record, then do what torch does (nothing on this CPU build)
+        original = getattr(torch.cuda, name)
+        monkeypatch.setattr(torch.cuda, name, lambda *a, _f=original, _n=name, **k: probe.cuda_calls.append(_n) or _f(*a, **k))
+    probe.on_import = lambda: probe.imports.append({
+        "cuda_calls": list(probe.cuda_calls), **{k: os.environ.get(k) for k in (
+            "CUDA_VISIBLE_DEVICES", "VLLM_WORKER_MULTIPROC_METHOD", "PYTORCH_NVML_BASED_CUDA_CHECK")}})
+    fake = fake_vllm(calls)
+    probe.LLM, probe.SamplingParams, probe.TokensPrompt = fake.LLM, fake.SamplingParams, fake.TokensPrompt
+    monkeypatch.setitem(sys.modules, "vllm_probe", probe)
+    (tmp_path / "vllm").mkdir()
+    (tmp_path / "vllm" / "__init__.py").write_text(
+        "import vllm_probe\nvllm_probe.on_import()\nfrom vllm_probe import LLM, SamplingParams, TokensPrompt\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": "4,5,6,7",
+                       "VLLM_WORKER_MULTIPROC_METHOD": None, "PYTORCH_NVML_BASED_CUDA_CHECK": None}.items():
+        monkeypatch.setenv(key, value or "x")  # so that monkeypatch restores what the code sets
+        if value is None:
+            monkeypatch.delenv(key)
+    # rank 1 of 2 without a rendezvous: do this rank's shard, as run_sharded would
+    monkeypatch.setattr(generate, "run_sharded", lambda records, out, work, config: write_records(
+        out, work(shard_of(records, 1, 2))))
+    write_records(tmp_path / "p.jsonl", [{"id": i, "prompt": f"Which fruit suits party {i}?"} for i in range(4)])
+    generate.main(["--model", str(toy_world["model"]), "--prompts", str(tmp_path / "p.jsonl"), "--out",
+                   str(tmp_path / "r.jsonl"), "--K", "2", "--backend", "vllm", "--tensor_parallel_size", str(tp)])
+    assert probe.imports == [{"cuda_calls": [], "CUDA_VISIBLE_DEVICES": visible, "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+                              "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}]
+    assert calls["llm"]["tensor_parallel_size"] == tp
+    assert [r["id"] for r in read_records(tmp_path / "r.jsonl", "responses")] == [2, 3]  # rank 1's slice
 
 
 def test_dry_run_of_a_paper_preset_prints_config_and_commands(tmp_path):
