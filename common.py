@@ -102,13 +102,16 @@ def read_records(path, stage="prompts", K=None):
 
 
 def load_prompts(source, split="train", column="prompt"):
-    """Prompt records {id, prompt, ...} from a JSONL file, a directory saved by `datasets`
-    (`save_to_disk`), or a hub dataset name (the only case that touches the network).
+    """Prompt records {id, prompt, ...} from a JSONL file, a JSON list (`read_json_prompts`: AlpacaEval's
+    eval set), a directory saved by `datasets` (`save_to_disk`), or a hub dataset name (the only case
+    that touches the network).
 
     Dataset rows keep all their columns; the prompt is taken from `column` (a string or a list
     of chat messages) and the id from "id" or "prompt_id" when present, else "<source>-<row>".
     """
     path = Path(source)
+    if path.is_file() and path.suffix == ".json":
+        return read_json_prompts(path, column)
     if path.is_file():
         return read_records(path, stage="prompts")
     import datasets
@@ -130,6 +133,33 @@ def load_prompts(source, split="train", column="prompt"):
         records.append(rec)
     if len({r["id"] for r in records}) != len(records):
         raise InputError(f"{source}: field 'id': ids are not unique")
+    return records
+
+
+def read_json_prompts(path, column="prompt"):
+    """Prompt records from a JSON list of objects, e.g. AlpacaEval's own eval set (alpaca_eval.json:
+    instruction, output, generator, dataset). The prompt is the `column` field, or "instruction"
+    in rows without it; ids from "id", else "<file stem>-<index>". The reference answer's "output"
+    and "generator" are dropped: they describe another model's answer, not the prompt."""
+    try:
+        rows = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        _fail(path, e.lineno, None, f"malformed JSON ({e.msg} at column {e.colno})")
+    if not isinstance(rows, list) or not rows:
+        _fail(path, None, None, "expected a non-empty JSON list of objects (or a .jsonl file)")
+    records = []
+    for n, row in enumerate(rows):
+        if not isinstance(row, dict):
+            _fail(path, f"item {n}", None, f"expected a JSON object, got {type(row).__name__}")
+        field = column if column in row else "instruction"
+        if field not in row:
+            _fail(path, f"item {n}", column, "missing (and no 'instruction')")
+        rec = {k: v for k, v in row.items() if k not in ("output", "generator")}
+        rec.update(prompt=row[field], id=row.get("id", f"{Path(path).stem}-{n}"))
+        _check_record(rec, path, f"item {n}", "prompts", None)
+        records.append(rec)
+    if len({r["id"] for r in records}) != len(records):
+        raise InputError(f"{path}: field 'id': ids are not unique")
     return records
 
 

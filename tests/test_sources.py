@@ -138,14 +138,28 @@ def test_vllm_is_imported_before_cuda_is_touched(monkeypatch, tmp_path, toy_worl
 
 
 def test_dry_run_of_a_paper_preset_prints_config_and_commands(tmp_path):
-    res = subprocess.run([sys.executable, "iterate.py", "--preset", "mistral-7b", "--dry-run", "--run_dir", str(tmp_path / "r")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "iterate.py", "--preset", "mistral-7b", "--dry-run", "--run_dir", str(tmp_path / "r"),
+                          "--eval_prompts", "alpaca_eval.json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     config = json.loads(res.stdout[:res.stdout.index("\n}\n") + 2])
     assert config["model"] == "mistralai/Mistral-7B-Instruct-v0.2" and config["eta"] == 1000.0 and config["K"] == 5
     assert config["lr"] == 5e-7 and config["global_batch"] == 64 and config["judge"] == "pairrm"
     assert config["prompts"].startswith("UCLA-AGI/data-mistral-7b-instruct-sppo-iter1")
-    assert res.stdout.count("generate.py") == 3 and res.stdout.count("train.py") == 3
+    # the official scripts' values (issue 12): 2048 new tokens, gradient checkpointing, AlpacaEval
+    # outputs decoded at T 0.7 / top_p 0.9 / 2048, PairRM reading the chat-templated prompt
+    assert config["max_new_tokens"] == 2048 and config["max_length"] == 1024 and config["grad_checkpointing"] is True
+    assert (config["eval_temperature"], config["eval_top_p"], config["eval_max_new_tokens"]) == (0.7, 0.9, 2048)
+    assert config["judge_prompt"] == "template" and config["p_mode"] == "scores"
+    commands = [line for line in res.stdout.splitlines() if line.startswith("+ ")]
+    train_cmds = [c for c in commands if "train.py" in c]
+    rank_cmds = [c for c in commands if "rank.py" in c]
+    samples = [c for c in commands if "generate.py" in c and "--K 5" in c]
+    exports = [c for c in commands if "generate.py" in c and "--K 1" in c]
+    assert len(train_cmds) == len(rank_cmds) == len(samples) == 3 and len(exports) == 4  # pi_0 .. pi_3
+    assert all(c.endswith("--grad_checkpointing") for c in train_cmds)
+    assert all("--judge_prompt template --template_model" in c for c in rank_cmds)
+    assert all("--max_new_tokens 2048" in c for c in samples)
+    assert all("--temperature 0.7 --top_p 0.9 --max_new_tokens 2048" in c for c in exports)
     assert not (tmp_path / "r").exists()  # nothing written, nothing downloaded
 
 
@@ -168,3 +182,27 @@ def test_prompt_slices_and_alpaca_eval_export(tmp_path):
     iterate.export_alpaca_eval(tmp_path / "r.jsonl", tmp_path / "model_outputs.json", "run-iter1")
     assert json.loads((tmp_path / "model_outputs.json").read_text()) == [
         {"instruction": "Which fruit suits the picnic?", "output": "apple", "generator": "run-iter1"}]
+
+
+def test_alpaca_eval_json_list_as_eval_prompts(tmp_path):
+    """AlpacaEval's own eval set is a JSON list with 'instruction' (plus the reference 'output',
+    'generator' and 'dataset'); it loads as prompts, and the export keeps 'dataset'."""
+    import iterate
+    rows = [{"instruction": "Name a fruit.", "output": "Apple.", "generator": "gpt4", "dataset": "helpful_base"},
+            {"instruction": "Pick a colour for None.", "output": "Red.", "generator": "gpt4", "dataset": "oasst"}]
+    (tmp_path / "alpaca_eval.json").write_text(json.dumps(rows))
+    got = load_prompts(tmp_path / "alpaca_eval.json")
+    assert got == [{"id": "alpaca_eval-0", "prompt": "Name a fruit.", "instruction": "Name a fruit.", "dataset": "helpful_base"},
+                   {"id": "alpaca_eval-1", "prompt": "Pick a colour for None.", "instruction": "Pick a colour for None.",
+                    "dataset": "oasst"}]
+    write_records(tmp_path / "r.jsonl", [dict(r, responses=[f"out{n}"]) for n, r in enumerate(got)])
+    iterate.export_alpaca_eval(tmp_path / "r.jsonl", tmp_path / "model_outputs.json", "me")
+    assert json.loads((tmp_path / "model_outputs.json").read_text()) == [
+        {"instruction": r["instruction"], "output": f"out{n}", "generator": "me", "dataset": r["dataset"]}
+        for n, r in enumerate(rows)]
+    (tmp_path / "bad.json").write_text(json.dumps([rows[0], {"output": "x"}]))
+    with pytest.raises(InputError, match=r"bad.json:item 1: field 'prompt': missing \(and no 'instruction'\)"):
+        load_prompts(tmp_path / "bad.json")
+    (tmp_path / "worse.json").write_text('[{"instruction": "a"},\n{"instruction": }]')
+    with pytest.raises(InputError, match="worse.json:2: malformed JSON"):
+        load_prompts(tmp_path / "worse.json")
