@@ -206,3 +206,18 @@ def test_alpaca_eval_json_list_as_eval_prompts(tmp_path):
     (tmp_path / "worse.json").write_text('[{"instruction": "a"},\n{"instruction": }]')
     with pytest.raises(InputError, match="worse.json:2: malformed JSON"):
         load_prompts(tmp_path / "worse.json")
+
+
+def test_mixed_prompt_file_loads_with_the_datasets_we_require(tmp_path):
+    """Stage files may mix string and chat-message prompts. datasets up to 4.6.1 cannot load such a
+    JSONL (ArrowInvalid; measured with pyarrow 26: 3.6.0, 4.0.0, 4.4.2, 4.6.1 fail, 4.7.0, 4.8.5,
+    5.0.0, 5.2.0 load it), so requirements.txt must not allow them; and the installed one loads it."""
+    import re
+
+    import datasets
+    floor = re.search(r"^datasets>=([\d.]+)", (ROOT / "requirements.txt").read_text(), re.M).group(1)
+    assert tuple(map(int, floor.split("."))) >= (4, 7), floor
+    write_records(tmp_path / "p.jsonl", [{"id": 1, "prompt": "Which fruit?"}, {"id": 2, "prompt": CHAT}])
+    ds = datasets.load_dataset("json", data_files=str(tmp_path / "p.jsonl"), split="train",
+                               cache_dir=str(tmp_path / "cache"))
+    assert ds[0]["prompt"] == "Which fruit?" and ds[1]["prompt"] == CHAT
