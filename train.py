@@ -380,7 +380,7 @@ def main(argv=None):
     except InputError as e:
         fail_with(e)
     if master and n_cut:
-        print(f"warning: {n_cut} responses cut to --max_length {args.max_length}; generate with fewer new tokens")
+        print(f"warning: {n_cut} responses cut to --max_length {args.max_length} (their end tokens are not trained on)")
     if fsdp:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":

@@ -139,3 +139,18 @@ def test_rank_shows_the_judge_the_templated_prompt(tmp_path, chat_tok):
                    "--judge", "test_templates:RecordingJudge", "--judge_prompt", mode,
                    "--template_model", str(tmp_path / "policy")])
         assert RecordingJudge.seen == expected
+
+
+def test_real_gemma3_tokenizer(gemma_dir):
+    """The real Gemma-3 tokenizer (google/gemma-3-270m, the base model: no chat template of its
+    own) with the Gemma turn format written above: a response ends with <end_of_turn> (id 106),
+    not <eos> (id 1); one <bos>; generation stops there; PairRM's text as the official code's."""
+    tok = load_tokenizer(gemma_dir)
+    assert tok.chat_template is None and tok.eos_token == "<eos>"
+    assert response_end_ids(tok) == [tok.eos_token_id]  # a base model without a template: its EOS
+    tok.chat_template = GEMMA_TEMPLATE
+    check_turn_format(tok, "<end_of_turn>")
+    assert response_end_ids(tok) == [106] and tok.eos_token_id == 1
+    prompt = "Which fruit suits the picnic?"
+    assert templated_prompt_text(tok, prompt) == official_judge_text(tok, prompt) == (
+        "<bos><start_of_turn>user\nWhich fruit suits the picnic?<end_of_turn>\n<start_of_turn>model\n")
