@@ -87,7 +87,7 @@ def test_generation_stops_at_the_end_of_turn(chat_tok):
     (a response of no tokens, not truncated) although the model's own EOS is another token."""
     from transformers import LlamaConfig, LlamaForCausalLM
     kind, tok = chat_tok
-    end = response_end_ids(tok)[-1]
+    end = tok.convert_tokens_to_ids(KINDS[kind]["end"])
     config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=2, eos_token_id=tok.eos_token_id,
                          bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
