@@ -225,18 +225,28 @@ def load_model(model_dir, dtype=torch.float32, device="cpu"):
     return model.to(device)
 
 
-def prompt_token_ids(tokenizer, prompt) -> list:
-    """Token ids of a prompt ready for the assistant's answer, via the chat template.
+PROMPT_FORMATS = ("auto", "chat", "plain")
 
-    Tokenised by the template itself (no string surgery), so a prompt is never cut and BOS
-    appears once, where the template puts it. A model without a chat template gets the plain
-    prompt with the tokenizer's own special tokens.
+
+def prompt_token_ids(tokenizer, prompt, prompt_format="auto") -> list:
+    """Token ids of a prompt ready for the model's answer.
+
+    chat: through the chat template, tokenised by the template itself (no string surgery), so a
+    prompt is never cut and BOS appears once, where the template puts it.
+    plain: BOS (once, if the tokenizer has one) + the prompt text's tokens; the response is the
+    model's continuation of the text: how a base model is prompted.
+    auto: chat if the tokenizer has a chat template, else plain.
     """
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    if tokenizer.chat_template is None:
+    if prompt_format not in PROMPT_FORMATS:
+        raise InputError(f"unknown prompt format {prompt_format!r}; choose from {PROMPT_FORMATS}")
+    if prompt_format == "plain" or (prompt_format == "auto" and tokenizer.chat_template is None):
         if not isinstance(prompt, str):
-            raise InputError("a chat-format prompt needs a tokenizer with a chat template")
-        return tokenizer(prompt)["input_ids"]
+            raise InputError("a chat-format prompt needs a tokenizer with a chat template (and --prompt_format chat)")
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        return bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if tokenizer.chat_template is None:
+        raise InputError("--prompt_format chat: the tokenizer has no chat template")
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     return list(ids)
 
@@ -271,11 +281,14 @@ def templated_prompt_text(tokenizer, prompt) -> str:
     return around_response(tokenizer, prompt)[0]
 
 
-def response_end_ids(tokenizer) -> list:
+def response_end_ids(tokenizer, prompt_format="auto") -> list:
     """The tokens that end an assistant's turn: what the chat template writes right after an
     assistant message, up to and including its first special token (Llama-3 <|eot_id|>, Gemma
     <end_of_turn>, Mistral </s>; a newline after it belongs to the next turn). The tokenizer's EOS
-    without a chat template, or if the template writes no special token there."""
+    for plain prompts (no chat template, or prompt_format "plain"), or if the template writes no
+    special token there."""
+    if prompt_format == "plain":
+        return [tokenizer.eos_token_id]
     key = (tokenizer.chat_template, tokenizer.eos_token_id)
     cached = _END_IDS.get(tokenizer)
     if cached is not None and cached[0] == key:  # rendering the template costs ~4 tokenizer calls
@@ -293,28 +306,36 @@ def response_end_ids(tokenizer) -> list:
 _END_IDS = weakref.WeakKeyDictionary()  # tokenizer -> ((chat template, eos), response_end_ids)
 
 
-def response_token_ids(tokenizer, response: str, truncated: bool) -> list:
+def response_token_ids(tokenizer, response: str, truncated: bool, prompt_format="auto") -> list:
     """A response's ids as trained on: its text, plus the end-of-turn tokens (response_end_ids)
     when generation ended by itself."""
     ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    return ids if truncated else ids + response_end_ids(tokenizer)
+    return ids if truncated else ids + response_end_ids(tokenizer, prompt_format)
 
 
-def collate(pairs, pad_id, padding_side="right"):
+def collate(pairs, pad_id, padding_side="split"):
     """Pad (prompt_ids, response_ids) pairs into one batch.
 
-    Returns input_ids, attention_mask, response_mask (1 on response tokens) and position_ids
-    that count real tokens only, so left, right and no padding give the same logits.
+    padding_side: "right" or "left" pads whole sequences; "split" (default) left-pads the prompts
+    and right-pads the responses, so every response starts in the same column and the LM head
+    need not run on any prompt position (sequence_logps). Returns input_ids, attention_mask,
+    response_mask (1 on response tokens) and position_ids that count real tokens only, so every
+    layout gives the same logits.
     """
-    seqs = [list(p) + list(r) for p, r in pairs]
+    if padding_side == "split":
+        width = max(len(p) for p, _ in pairs)
+        pairs = [([pad_id] * (width - len(p)) + list(p), r, width - len(p)) for p, r in pairs]
+    else:
+        pairs = [(p, r, 0) for p, r in pairs]
+    seqs = [list(p) + list(r) for p, r, _ in pairs]
     length = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), length), dtype=torch.long)
     response_mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for i, ((p, r), s) in enumerate(zip(pairs, seqs)):
+    for i, ((p, r, lead), s) in enumerate(zip(pairs, seqs)):
         start = length - len(s) if padding_side == "left" else 0
         input_ids[i, start:start + len(s)] = torch.tensor(s)
-        attention_mask[i, start:start + len(s)] = 1
+        attention_mask[i, start + lead:start + len(s)] = 1
         response_mask[i, start + len(p):start + len(s)] = 1
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     return {"input_ids": input_ids, "attention_mask": attention_mask,

@@ -24,7 +24,7 @@ import os
 import torch
 from tqdm import tqdm
 
-from common import (InputError, dist_env, fail_with, load_model, load_tokenizer, prompt_token_ids, read_records,
+from common import (PROMPT_FORMATS, InputError, dist_env, fail_with, load_model, load_tokenizer, prompt_token_ids, read_records,
                     response_end_ids, run_info, run_sharded, write_json)
 
 
@@ -62,22 +62,22 @@ class GumbelSampler:
         return logits + gumbel.to(logits.device)
 
 
-def stop_token_ids(model, tokenizer) -> set:
+def stop_token_ids(model, tokenizer, prompt_format="auto") -> set:
     """The model's and tokenizer's EOS, and the special token that ends an assistant's turn in the
     chat template (<|eot_id|>, <end_of_turn>: the one training puts at the end of a response)."""
     eos = model.generation_config.eos_token_id
     ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
-    return ids | {tokenizer.eos_token_id, response_end_ids(tokenizer)[-1]}
+    return ids | {tokenizer.eos_token_id, response_end_ids(tokenizer, prompt_format)[-1]}
 
 
 @torch.no_grad()
 def generate_responses(model, tokenizer, records, K, temperature=1.0, top_p=1.0, top_k=0,
-                       max_new_tokens=128, seed=0, batch_size=8, desc="generate"):
+                       max_new_tokens=128, seed=0, batch_size=8, desc="generate", prompt_format="auto"):
     """K responses per record: returns new records with "responses" and "truncated"."""
     from transformers import GenerationConfig, LogitsProcessorList
     device = next(model.parameters()).device
-    stops = stop_token_ids(model, tokenizer)
-    prompt_ids = [prompt_token_ids(tokenizer, r["prompt"]) for r in records]
+    stops = stop_token_ids(model, tokenizer, prompt_format)
+    prompt_ids = [prompt_token_ids(tokenizer, r["prompt"], prompt_format) for r in records]
     # longest prompts first: batches of similar length waste less padding
     order = sorted(range(len(records)), key=lambda i: -len(prompt_ids[i]))
     results = {}
@@ -107,7 +107,7 @@ def generate_responses(model, tokenizer, records, K, temperature=1.0, top_p=1.0,
 
 
 def generate_responses_vllm(model_dir, tokenizer, records, K, temperature=1.0, top_p=1.0, top_k=0,
-                            max_new_tokens=128, seed=0, tensor_parallel_size=1):
+                            max_new_tokens=128, seed=0, tensor_parallel_size=1, prompt_format="auto"):
     """The same records through vLLM (GPU only; API of vllm 0.33.0: LLM, SamplingParams, TokensPrompt).
 
     Prompts go in as token ids from our chat template, so vLLM adds no second BOS. One request per
@@ -118,8 +118,8 @@ def generate_responses_vllm(model_dir, tokenizer, records, K, temperature=1.0, t
     from vllm import LLM, SamplingParams, TokensPrompt  # after prepare_vllm_process: see there
     engine = LLM(model=str(model_dir), tokenizer=str(model_dir), seed=seed, dtype="auto",
                  tensor_parallel_size=tensor_parallel_size, trust_remote_code=False)
-    stops = sorted({tokenizer.eos_token_id, response_end_ids(tokenizer)[-1]})
-    prompts = [TokensPrompt(prompt_token_ids=prompt_token_ids(tokenizer, r["prompt"])) for r in records]
+    stops = sorted({tokenizer.eos_token_id, response_end_ids(tokenizer, prompt_format)[-1]})
+    prompts = [TokensPrompt(prompt_token_ids=prompt_token_ids(tokenizer, r["prompt"], prompt_format)) for r in records]
     params = [SamplingParams(n=K, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_new_tokens,
                              seed=row_seed(seed, r["id"], 0) % 2**31, stop_token_ids=stops, skip_special_tokens=True)
               for r in records]
@@ -161,6 +161,9 @@ def main(argv=None):
     ap.add_argument("--top_p", type=float, default=1.0, help="paper 1.0, official code 0.9")
     ap.add_argument("--top_k", type=int, default=0, help="0 = no top-k filter")
     ap.add_argument("--max_new_tokens", type=int, default=512)
+    ap.add_argument("--prompt_format", default="auto", choices=PROMPT_FORMATS,
+                    help="chat: the chat template; plain: BOS + prompt text, the response continues it (base "
+                         "models); auto: chat if the tokenizer has a template")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch_size", type=int, default=8, help="prompts per generate call (x K rows)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -186,11 +189,13 @@ def main(argv=None):
         tokenizer = load_tokenizer(args.model)
         if args.backend == "vllm":
             return generate_responses_vllm(args.model, tokenizer, shard, args.K, args.temperature, args.top_p,
-                                           args.top_k, args.max_new_tokens, args.seed, args.tensor_parallel_size)
+                                           args.top_k, args.max_new_tokens, args.seed, args.tensor_parallel_size,
+                                           args.prompt_format)
         model = load_model(args.model, dtype=dtype, device=device).eval()
         return generate_responses(model, tokenizer, shard, args.K, args.temperature, args.top_p, args.top_k,
                                   args.max_new_tokens, args.seed, args.batch_size,
-                                  desc="generate" if world == 1 else f"generate rank {rank}/{world}")
+                                  desc="generate" if world == 1 else f"generate rank {rank}/{world}",
+                                  prompt_format=args.prompt_format)
     run_sharded(records, args.out, work, config=vars(args))
     if rank == 0:
         write_json(f"{args.out}.info.json", dict(run_info(vars(args)), world_size=world))

@@ -12,6 +12,7 @@ checkpoint, see train.py). The run directory keeps the full config, seeds and li
 (config.json), every stage's JSONL and every iteration's model.
 """
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -25,7 +26,7 @@ from pathlib import Path
 # 5). Set before torch loads libgomp; every stage process inherits it; a user's setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from common import (InputError, atomic_write, fail_with, load_prompts, prompt_text, read_records, run_info, write_json,
+from common import (PROMPT_FORMATS, InputError, atomic_write, fail_with, load_prompts, prompt_text, read_records, run_info, write_json,
                     write_records)
 
 HERE = Path(__file__).resolve().parent
@@ -45,7 +46,15 @@ PRESETS = {
                 lr_schedule="constant", epochs=5, global_batch=32, micro_batch=8, max_prompt_length=64,
                 max_length=96, grad_checkpointing=False, judge_prompt="plain",
                 eval_temperature=0.0, eval_top_p=1.0, eval_max_new_tokens=16),
+    # The real-LM world (Gemma-3-270M, VADER): see NOTES.md for the search behind these values.
+    "sentiment": dict(K=4, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=24, eta=10.0, lr=5e-7,
+                      lr_schedule="constant", epochs=3, global_batch=16, micro_batch=4, max_prompt_length=64,
+                      max_length=96, grad_checkpointing=False, judge_prompt="plain",
+                      eval_temperature=0.0, eval_top_p=1.0, eval_max_new_tokens=24),
 }
+# Presets that bring their own model, prompts, judge and evaluator (a module with build_world and
+# evaluate); used when no --model is given.
+WORLDS = ("toy", "sentiment")
 # The official runs (uclaml/SPPO run_sppo_*.sh): all three models use the same three UltraFeedback
 # prompt sets, one per iteration, PairRM with its aggregated scores reading the chat-templated
 # prompt (scripts/rank.py), and the paper's training values.
@@ -71,10 +80,13 @@ def parse_args(argv=None):
     ap.add_argument("--judge_path", help="what the judge loads")
     ap.add_argument("--p_mode", help="pairrm: pairwise (the paper's P) or scores (official)")
     ap.add_argument("--backend", help="generation: hf (default) or vllm")
+    ap.add_argument("--prompt_format", default="auto", choices=PROMPT_FORMATS,
+                    help="chat template, plain text (base models) or auto (chat if the tokenizer has a template)")
     ap.add_argument("--run_dir", help="default runs/toy-seed{seed} for the toy world")
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--preset", choices=sorted(PRESETS), help="default: toy without --model, else paper")
+    ap.add_argument("--preset", choices=sorted(PRESETS), help="default: toy without --model, else paper; "
+                    "toy and sentiment without --model: that built-in world")
     ap.add_argument("--loss_type", default="sppo")
     ap.add_argument("--optimizer", default="rmsprop")
     ap.add_argument("--nproc_per_node", type=int, default=1,
@@ -92,27 +104,34 @@ def parse_args(argv=None):
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    toy = args.model is None
-    if not toy and not (args.prompts and args.judge):
+    if args.model is None and args.preset not in WORLDS:
+        ap.error(f"--preset {args.preset} needs --model (only {', '.join(WORLDS)} bring their own)")
+    if args.model is not None and not (args.prompts and args.judge):
         ap.error("with --model, give --prompts and --judge too")
-    args.run_dir = Path(args.run_dir or (f"runs/toy-seed{args.seed}" if toy else f"runs/{args.preset}-seed{args.seed}"))
+    args.run_dir = Path(args.run_dir or f"runs/{args.preset}-seed{args.seed}")
     return args
 
 
 def run(cmd, dry_run, timings=None, **where):
-    """Run one stage; its wall time goes to `timings` (a JSONL file) with `where` (iteration, stage)."""
+    """Run one stage; its wall time and peak memory go to `timings` (a JSONL file) with `where`."""
     print("+ " + " ".join(str(c) for c in cmd), flush=True)
     if not dry_run:
         t0 = time.time()
-        subprocess.run([str(c) for c in cmd], check=True, cwd=HERE)
+        proc = subprocess.Popen([str(c) for c in cmd], cwd=HERE)
+        _, status, usage = os.wait4(proc.pid, 0)  # the stage's own resource usage, peak RSS included
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise subprocess.CalledProcessError(os.waitstatus_to_exitcode(status), cmd)
         if timings is not None:
-            log_time(timings, t0, **where)
+            log_time(timings, t0, peak_rss_gb=round(usage.ru_maxrss / 2**20, 2), **where)
 
 
-def log_time(timings, t0, **where):
-    """Append {where..., seconds} to the run's timings.jsonl and say it."""
+def log_time(timings, t0, peak_rss_gb=None, **where):
+    """Append {where..., seconds, peak_rss_gb} to the run's timings.jsonl and say it."""
     entry = dict(where, seconds=round(time.time() - t0, 2))
-    print(f"[time] {' '.join(str(v) for v in where.values())}: {entry['seconds']:.1f} s", flush=True)
+    if peak_rss_gb is not None:  # of a stage process (Linux reports KiB); None for work done in this process
+        entry["peak_rss_gb"] = peak_rss_gb
+    print(f"[time] {' '.join(str(v) for v in where.values())}: {entry['seconds']:.1f} s"
+          + (f", peak RSS {peak_rss_gb:.2f} GB" if peak_rss_gb is not None else ""), flush=True)
     with open(timings, "a") as f:
         f.write(json.dumps(entry) + "\n")
 
@@ -155,18 +174,20 @@ def main(argv=None):
     run_dir = args.run_dir.resolve()
     timings = run_dir / "timings.jsonl"  # wall time of every stage run, appended (a resumed run adds its own)
     start = time.time()
-    world = None
-    if args.model is None:  # the embedded default: a tiny model, prompts and a judge built here
-        import toy
+    world, world_module = None, None
+    if args.model is None:  # a built-in world: model, prompts, judge and evaluator built here
+        world_module = importlib.import_module(args.preset)
+        t0 = time.time()
         if not args.dry_run:
-            t0 = time.time()
             run_dir.mkdir(parents=True, exist_ok=True)
-            world = toy.build_world(run_dir / "world", seed=args.seed)
+        try:
+            world = world_module.build_world(run_dir / "world", seed=args.seed, build=not args.dry_run)
+        except InputError as e:
+            fail_with(e)
+        if not args.dry_run:
             log_time(timings, t0, iteration=0, stage="build_world")
-        paths = world or {"model": run_dir / "world/base_model", "train_prompts": run_dir / "world/train_prompts.jsonl",
-                          "world": run_dir / "world/world.json"}
-        args.model, args.prompts = str(paths["model"]), str(paths["train_prompts"])
-        args.judge, args.judge_path = "toy:ToyJudge", str(paths["world"])
+        args.model, args.prompts = str(world["model"]), str(world["train_prompts"])
+        args.judge, args.judge_path = world["judge"], world["judge_path"] and str(world["judge_path"])
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     print(json.dumps(config, indent=2))
     if not args.dry_run:
@@ -185,7 +206,8 @@ def main(argv=None):
             run(launcher(args.nproc_per_node) + [
                 HERE / "generate.py", "--model", model_dir, "--prompts", run_dir / "eval_prompts.jsonl", "--out", out,
                 "--K", 1, "--temperature", args.eval_temperature, "--top_p", args.eval_top_p,
-                "--max_new_tokens", args.eval_max_new_tokens, "--seed", args.seed] + backend, args.dry_run,
+                "--max_new_tokens", args.eval_max_new_tokens, "--seed", args.seed,
+                "--prompt_format", args.prompt_format] + backend, args.dry_run,
                 timings, iteration=t, stage="export")
         if not args.dry_run:
             export_alpaca_eval(out, run_dir / f"iter{t}" / "model_outputs.json", f"{run_dir.name}-iter{t}")
@@ -204,7 +226,8 @@ def main(argv=None):
             run(launcher(args.nproc_per_node) + [
                 HERE / "generate.py", "--model", models[-1], "--prompts", prompts, "--out", responses,
                 "--K", args.K, "--temperature", args.temperature, "--top_p", args.top_p, "--top_k", args.top_k,
-                "--max_new_tokens", args.max_new_tokens, "--seed", args.seed * 1000 + t] + backend, args.dry_run,
+                "--max_new_tokens", args.max_new_tokens, "--seed", args.seed * 1000 + t,
+                "--prompt_format", args.prompt_format] + backend, args.dry_run,
                 timings, iteration=t, stage="generate")
         if args.dry_run or not ranked.exists():
             run(launcher(args.nproc_per_node) + [
@@ -218,19 +241,19 @@ def main(argv=None):
                 "--loss_type", args.loss_type, "--eta", args.eta, "--optimizer", args.optimizer, "--lr", args.lr,
                 "--lr_schedule", args.lr_schedule, "--epochs", args.epochs, "--global_batch", args.global_batch,
                 "--micro_batch", args.micro_batch, "--max_prompt_length", args.max_prompt_length,
-                "--max_length", args.max_length, "--seed", args.seed, "--save_every", args.save_every]
+                "--max_length", args.max_length, "--seed", args.seed, "--save_every", args.save_every,
+                "--prompt_format", args.prompt_format]
                 + (["--grad_checkpointing"] if args.grad_checkpointing else []), args.dry_run,
                 timings, iteration=t, stage="train")
         models.append(str(model))
         if args.eval_prompts:
             export(t, model)
-        if world is not None:
-            import toy
+        if world is not None and not args.dry_run:
             t0 = time.time()
-            rows = toy.evaluate(models, world["eval_prompts"], world["world"])
-            print("\nexact evaluation on the held-out prompts:\n" + toy.format_table(rows), flush=True)
+            rows = world_module.evaluate(models, world, run_dir)
+            print("\nevaluation on the held-out prompts:\n" + world_module.format_table(rows), flush=True)
             write_json(run_dir / "eval.json", rows)
-            toy.plot(rows, run_dir / "eval.png")
+            world_module.plot(rows, run_dir / "eval.png")
             log_time(timings, t0, iteration=t, stage="evaluate")
     if not args.dry_run:
         print(f"\nrun directory: {run_dir}; wall time of this invocation {time.time() - start:.1f} s; "

@@ -134,13 +134,14 @@ def sft_base_model(model, tokenizer, records, steps=150, batch_prompts=64, lr=3e
     return loss.item()
 
 
-def build_world(out_dir, seed=0, sft_steps=150):
-    """Build (or reuse) the toy world in out_dir; returns its paths."""
+def build_world(out_dir, seed=0, sft_steps=150, build=True):
+    """Build (or reuse) the toy world in out_dir; returns its paths (only the paths if not `build`)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     out_dir = Path(out_dir)
     paths = {"model": out_dir / "base_model", "train_prompts": out_dir / "train_prompts.jsonl",
-             "eval_prompts": out_dir / "eval_prompts.jsonl", "world": out_dir / "world.json"}
-    if (out_dir / "done").exists():
+             "eval_prompts": out_dir / "eval_prompts.jsonl", "world": out_dir / "world.json",
+             "judge": "toy:ToyJudge", "judge_path": out_dir / "world.json"}
+    if (out_dir / "done").exists() or not build:
         return paths
     train, held_out = make_prompts()
     random.Random(seed).shuffle(train)
@@ -222,15 +223,15 @@ def effective_eta(matrices, prev, cur):
     return float(num / den)
 
 
-def evaluate(model_dirs, eval_prompts_path, world_path):
-    """Exact metrics of pi_0..pi_T on the held-out prompts; one row per iteration.
+def evaluate(model_dirs, paths, run_dir=None):
+    """Exact metrics of pi_0..pi_T on the held-out prompts of the world at `paths`; one row per iteration.
 
     win_vs_pi0 = P(pi_t > pi_0); exploit = max_y P(y > pi_t) - 1/2 (0 at the von Neumann winner);
     exploit_avg = exploitability of (1/t) sum_{s=1..t} pi_s (Theorem 4.1's average policy);
     all averaged over prompts. Families are reported separately too (cyclic vs transitive).
     """
-    world = json.loads(Path(world_path).read_text())
-    records = [json.loads(line) for line in Path(eval_prompts_path).read_text().splitlines() if line.strip()]
+    world = json.loads(Path(paths["world"]).read_text())
+    records = [json.loads(line) for line in Path(paths["eval_prompts"]).read_text().splitlines() if line.strip()]
     matrices = [np.array(world["families"][r["family"]]["matrix"]) for r in records]
     kinds = np.array([world["families"][r["family"]]["kind"] for r in records])
     dists = [policy_distributions(d, records, world) for d in model_dirs]
@@ -291,7 +292,7 @@ def main():
     args = ap.parse_args()
     paths = build_world(args.out_dir, args.seed)
     if args.evaluate:
-        print(format_table(evaluate(args.evaluate, paths["eval_prompts"], paths["world"])))
+        print(format_table(evaluate(args.evaluate, paths)))
     else:
         print({k: str(v) for k, v in paths.items()})
 

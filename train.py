@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import (InputError, atomic_write, collate, dist_env, fail_with, load_model, load_tokenizer,
+from common import (PROMPT_FORMATS, InputError, atomic_write, collate, dist_env, fail_with, load_model, load_tokenizer,
                     prompt_token_ids, read_records, response_token_ids, run_info, sequence_logps, write_json)
 from sppo_loss import LOSS_TYPES, preference_loss, responses_used
 
@@ -65,9 +65,13 @@ def parse_args(argv=None):
     ap.add_argument("--grad_clip", type=float, default=1.0, help="max grad norm; 0 = off")
     ap.add_argument("--max_prompt_length", type=int, default=512, help="prompt tokens kept (the last ones)")
     ap.add_argument("--max_length", type=int, default=1024, help="prompt + response tokens")
+    ap.add_argument("--prompt_format", default="auto", choices=PROMPT_FORMATS,
+                    help="as generate.py: chat template, plain text (base models), or auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="compute dtype; weights, gradient reduction and optimizer stay fp32. auto: bfloat16 on GPU")
+    ap.add_argument("--freeze_embeddings", action="store_true",
+                    help="keep the input embedding (and a tied LM head) fixed: no gradient or optimizer state for it")
     ap.add_argument("--grad_checkpointing", action="store_true", help="recompute each decoder layer in backward")
     ap.add_argument("--cpu_offload", action="store_true", help="FSDP2 keeps parameters, grads, optimizer on CPU (torchrun, GPU)")
     ap.add_argument("--save_every", type=int, default=0, help="resumable checkpoint every N steps and at the end (0: none)")
@@ -76,7 +80,7 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def build_examples(records, tokenizer, loss_type, max_prompt_length, max_length):
+def build_examples(records, tokenizer, loss_type, max_prompt_length, max_length, prompt_format="auto"):
     """Token ids of the responses each prompt trains on, with their P and win rates.
 
     Returns (examples, n_cut): example = dict(prompt_ids, response_ids [R lists], P, win_rate,
@@ -92,8 +96,9 @@ def build_examples(records, tokenizer, loss_type, max_prompt_length, max_length)
         # select in the precision the file holds: float32 can turn a near-tie into a tie
         used = responses_used(loss_type, torch.tensor([rec["win_rate"]], dtype=torch.float64))[0]
         truncated = rec.get("truncated", [False] * len(rec["responses"]))
-        responses = [response_token_ids(tokenizer, rec["responses"][k], truncated[k]) for k in used.tolist()]
-        prompt_ids = prompt_token_ids(tokenizer, rec["prompt"])
+        responses = [response_token_ids(tokenizer, rec["responses"][k], truncated[k], prompt_format)
+                     for k in used.tolist()]
+        prompt_ids = prompt_token_ids(tokenizer, rec["prompt"], prompt_format)
         if len(prompt_ids) + max(map(len, responses)) > max_length:
             prompt_ids = prompt_ids[-max_prompt_length:]
         budget = max_length - len(prompt_ids)
@@ -372,7 +377,8 @@ def main(argv=None):
             raise InputError("--cpu_offload needs torchrun on GPUs (FSDP2 offloads to CPU from GPU memory)")
         records = read_records(args.ranked, stage="ranked")
         tokenizer = load_tokenizer(args.model)
-        examples, n_cut = build_examples(records, tokenizer, args.loss_type, args.max_prompt_length, args.max_length)
+        examples, n_cut = build_examples(records, tokenizer, args.loss_type, args.max_prompt_length, args.max_length,
+                                         args.prompt_format)
         config = dict(vars(args), world_size=world, ranked_sha256=hashlib.sha256(Path(args.ranked).read_bytes()).hexdigest())
         resume = latest_checkpoint(ckpt_dir)
         if resume is not None:
@@ -393,6 +399,8 @@ def main(argv=None):
     model.config.use_cache = False
     flop_counts = flops_per_token_terms(model, args.grad_checkpointing)  # before sharding: whole-model sizes
     peak = (args.peak_tflops or peak_tflops(device) or 0) * 1e12 * world  # FLOP/s of all ranks; 0: unknown
+    if args.freeze_embeddings:  # with a large vocabulary, most of the parameters (Gemma-3-270M: 168M of 268M)
+        model.get_input_embeddings().weight.requires_grad_(False)
     if args.grad_checkpointing:  # non-reentrant: the one that composes with FSDP2
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not fsdp)  # one process
@@ -410,7 +418,7 @@ def main(argv=None):
     # ---- optimizer and schedule: linear warmup, then linear decay (or constant). Built right after
     # sharding: it must hold the sharded parameters (after a forward FSDP2's root holds unsharded ones)
     opt_cls = torch.optim.RMSprop if args.optimizer == "rmsprop" else torch.optim.AdamW
-    optimizer = opt_cls(model.parameters(), lr=args.lr)
+    optimizer = opt_cls([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     steps_per_epoch = math.ceil(len(examples) / args.global_batch)
     total_steps = steps_per_epoch * args.epochs
     warmup = math.ceil(args.warmup_ratio * total_steps)

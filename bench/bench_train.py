@@ -281,7 +281,7 @@ def sequence_logps_before(model, batch):
 def batch_logps_before(model, examples, pad_id, device):
     """train.batch_logps with sequence_logps_before."""
     pairs = [(ex["prompt_ids"], r) for ex in examples for r in ex["response_ids"]]
-    return sequence_logps_before(model, collate(pairs, pad_id)).view(len(examples), -1)
+    return sequence_logps_before(model, collate(pairs, pad_id, padding_side="right")).view(len(examples), -1)
 
 
 # name: (train.batch_logps or the one before P1, micro_batch; None = the whole batch in one forward)

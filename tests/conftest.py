@@ -18,3 +18,10 @@ def toy_world(tmp_path_factory):
     """The embedded toy world with a short SFT (the tests need a working model, not a good one)."""
     import toy
     return toy.build_world(tmp_path_factory.mktemp("toy_world"), seed=0, sft_steps=40)
+
+
+@pytest.fixture(scope="session")
+def gemma_dir():
+    """The real LM (google/gemma-3-270m from PyPI), converted once per machine into ~/.cache/sppo."""
+    import gemma
+    return gemma.converted_model_dir()

@@ -43,7 +43,7 @@ def unpadded_logps(model, prompt_ids, response_ids):
     return sum(logp[len(prompt_ids) + t - 1, tok].item() for t, tok in enumerate(response_ids))
 
 
-def test_logps_with_left_and_right_padding_match_unpadded(tok_model):
+def test_logps_with_left_right_and_split_padding_match_unpadded(tok_model):
     tok, model = tok_model
     pairs = [(prompt_token_ids(tok, p), response_token_ids(tok, r, truncated=t)) for p, r, t in [
         ("Which fruit suits the picnic?", "apple", False),
@@ -51,7 +51,7 @@ def test_logps_with_left_and_right_padding_match_unpadded(tok_model):
         ("Name a tool.", "hammer drill saw", True),
     ]]
     expected = torch.tensor([unpadded_logps(model, p, r) for p, r in pairs], dtype=torch.float64)
-    for side in ("left", "right"):
+    for side in ("left", "right", "split"):
         with torch.no_grad():
             got = sequence_logps(model, collate(pairs, tok.pad_token_id, padding_side=side)).double()
         assert torch.allclose(got, expected, atol=1e-4), (side, got, expected)
@@ -61,6 +61,25 @@ def test_logps_with_left_and_right_padding_match_unpadded(tok_model):
     with torch.no_grad():
         wrong = sequence_logps(model, batch).double()
     assert not torch.allclose(wrong, expected, atol=1e-2)
+
+
+def test_split_padding_runs_the_lm_head_on_response_positions_only(tok_model):
+    """Prompts of different lengths: with "split" padding the LM head sees the longest response's
+    positions (+1), with right padding also the prompt positions of the shorter prompts."""
+    tok, model = tok_model
+    pairs = [(prompt_token_ids(tok, p), response_token_ids(tok, r, truncated=False))
+             for p, r in [("Name a tool.", "saw"), ("Pick a colour for the wedding, a much longer prompt than the first.", "red")]]
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[1]))
+    try:
+        with torch.no_grad():
+            for side in ("split", "right"):
+                sequence_logps(model, collate(pairs, tok.pad_token_id, padding_side=side))
+    finally:
+        hook.remove()
+    longest_response = max(len(r) for _, r in pairs)
+    assert seen[0] == longest_response + 1
+    assert seen[1] > seen[0] + 5  # right padding: the short prompt's row starts predicting much earlier
 
 
 def test_logps_gradient_and_full_logits_path_match_reference(tok_model):

@@ -80,6 +80,7 @@ def test_end_tokens_are_the_templates(chat_tok):
     check_turn_format(tok, KINDS[kind]["end"])
     if kind != "mistral":  # there the turn ends with EOS itself; elsewhere EOS is not what ends a turn
         assert response_end_ids(tok) != [tok.eos_token_id]
+    assert response_end_ids(tok, "plain") == [tok.eos_token_id]  # plain prompts (no template): EOS
 
 
 def test_generation_stops_at_the_end_of_turn(chat_tok):

@@ -50,7 +50,7 @@ def test_toy_judge(toy_world):
 
 
 def test_evaluator_rows_against_direct_computation(toy_world):
-    rows = toy.evaluate([toy_world["model"], toy_world["model"]], toy_world["eval_prompts"], toy_world["world"])
+    rows = toy.evaluate([toy_world["model"], toy_world["model"]], toy_world)
     world = json.loads(Path(toy_world["world"]).read_text())
     records = [json.loads(line) for line in Path(toy_world["eval_prompts"]).read_text().splitlines()]
     dists = toy.policy_distributions(toy_world["model"], records, world)
