@@ -18,6 +18,7 @@ This uses HF `generate` in greedy mode with a logits processor that adds Gumbel 
 tempered, filtered logits: the argmax of logits/T + Gumbel is an exact sample from softmax(logits/T).
 """
 import argparse
+import contextlib
 import hashlib
 import os
 
@@ -70,9 +71,29 @@ def stop_token_ids(model, tokenizer, prompt_format="auto") -> set:
     return ids | {tokenizer.eos_token_id, response_end_ids(tokenizer, prompt_format)[-1]}
 
 
+@contextlib.contextmanager
+def lm_head_as_weight_times_hidden(model):
+    """While generating on the CPU, compute the LM head's logits as (W h^T)^T instead of h W^T.
+
+    The same dot products in another GEMM layout: with a few rows per step and a large
+    vocabulary (Gemma-3: W is 262,144 x 640) MKL's sgemm is 2-3x faster this way on this
+    machine's CPU (BENCHMARKS.md, "The real LM"). The head dominates a generation step there.
+    """
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None or head.weight.device.type != "cpu":
+        yield
+        return
+    head.forward = lambda hidden: (head.weight @ hidden.reshape(-1, hidden.shape[-1]).T).T.reshape(
+        *hidden.shape[:-1], -1)
+    try:
+        yield
+    finally:
+        del head.forward  # back to nn.Linear.forward
+
+
 @torch.no_grad()
 def generate_responses(model, tokenizer, records, K, temperature=1.0, top_p=1.0, top_k=0,
-                       max_new_tokens=128, seed=0, batch_size=8, desc="generate", prompt_format="auto"):
+                       max_new_tokens=128, seed=0, batch_size=16, desc="generate", prompt_format="auto"):
     """K responses per record: returns new records with "responses" and "truncated"."""
     from transformers import GenerationConfig, LogitsProcessorList
     device = next(model.parameters()).device
@@ -93,8 +114,9 @@ def generate_responses(model, tokenizer, records, K, temperature=1.0, top_p=1.0,
         if temperature > 0:
             gens = [torch.Generator().manual_seed(row_seed(seed, records[i]["id"], k)) for i in idx for k in range(K)]
             processors.append(GumbelSampler(gens, temperature, top_k, top_p))
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                             logits_processor=processors)
+        with lm_head_as_weight_times_hidden(model):
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                 logits_processor=processors)
         new_tokens = out[:, width:].tolist()
         for j, i in enumerate(idx):
             texts, truncated = [], []
@@ -165,7 +187,7 @@ def main(argv=None):
                     help="chat: the chat template; plain: BOS + prompt text, the response continues it (base "
                          "models); auto: chat if the tokenizer has a template")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch_size", type=int, default=8, help="prompts per generate call (x K rows)")
+    ap.add_argument("--batch_size", type=int, default=16, help="prompts per generate call (x K rows)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="auto: bfloat16 on GPU, float32 on CPU")
     ap.add_argument("--backend", default="hf", choices=["hf", "vllm"], help="vllm: GPUs, requirements-vllm.txt")

@@ -39,7 +39,7 @@ PRESETS = {
     # the AlpacaEval outputs decoded as models_configs/*/configs.yaml (T 0.7, top_p 0.9, 2048).
     "paper": dict(K=5, temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=2048, eta=1000.0, lr=5e-7,
                   lr_schedule="linear", epochs=1, global_batch=64, micro_batch=8, max_prompt_length=512,
-                  max_length=1024, grad_checkpointing=True, judge_prompt="plain",
+                  max_length=1024, prompts_per_iteration=0, grad_checkpointing=True, judge_prompt="plain",
                   eval_temperature=0.7, eval_top_p=0.9, eval_max_new_tokens=2048),
     # The toy world: see NOTES.md for why eta=10, lr=1e-4 and 5 epochs.
     "toy": dict(K=5, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=16, eta=10.0, lr=1e-4,
@@ -47,10 +47,10 @@ PRESETS = {
                 max_length=96, grad_checkpointing=False, judge_prompt="plain",
                 eval_temperature=0.0, eval_top_p=1.0, eval_max_new_tokens=16),
     # The real-LM world (Gemma-3-270M, VADER): see NOTES.md for the search behind these values.
-    "sentiment": dict(K=4, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=24, eta=10.0, lr=5e-7,
-                      lr_schedule="constant", epochs=3, global_batch=16, micro_batch=4, max_prompt_length=64,
-                      max_length=96, grad_checkpointing=False, judge_prompt="plain",
-                      eval_temperature=0.0, eval_top_p=1.0, eval_max_new_tokens=24),
+    "sentiment": dict(K=4, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=20, eta=10.0, lr=1e-6,
+                      lr_schedule="constant", epochs=2, global_batch=8, micro_batch=4, max_prompt_length=64,
+                      max_length=96, prompts_per_iteration=64, grad_checkpointing=False, judge_prompt="plain",
+                      eval_temperature=0.0, eval_top_p=1.0, eval_max_new_tokens=20),
 }
 # Presets that bring their own model, prompts, judge and evaluator (a module with build_world and
 # evaluate); used when no --model is given.
@@ -94,11 +94,11 @@ def parse_args(argv=None):
     ap.add_argument("--save_every", type=int, default=0, help="train.py: resumable checkpoint every N steps")
     ap.add_argument("--dry-run", dest="dry_run", action="store_true", help="print config and commands only")
     for key, value in PRESETS["paper"].items():
+        help_text = f"preset default (paper: {value}" + ("; 0 = the whole slice)" if key == "prompts_per_iteration" else ")")
         if isinstance(value, bool):  # --grad_checkpointing / --no-grad_checkpointing
-            ap.add_argument(f"--{key}", action=argparse.BooleanOptionalAction, default=None,
-                            help=f"preset default (paper: {value})")
+            ap.add_argument(f"--{key}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            ap.add_argument(f"--{key}", type=type(value), default=None, help=f"preset default (paper: {value})")
+            ap.add_argument(f"--{key}", type=type(value), default=None, help=help_text)
     args = ap.parse_args(argv)
     args.preset = args.preset or ("paper" if args.model else "toy")
     for key, value in PRESETS[args.preset].items():
@@ -148,10 +148,10 @@ def prompt_slices(args):
     """One list of prompt records per iteration: a source per iteration, or one source split."""
     sources = args.prompts.split(",")
     loaded = [load_prompts(s, args.prompt_split, args.prompt_column) for s in sources]
-    if len(loaded) == args.iterations:
-        return loaded
     if len(loaded) == 1:
-        return split_prompts(loaded[0], args.iterations)
+        loaded = split_prompts(loaded[0], args.iterations)
+    if len(loaded) == args.iterations:  # --prompts_per_iteration: the first N of each slice (0: all)
+        return [part[:args.prompts_per_iteration or None] for part in loaded]
     raise InputError(f"--prompts: {len(loaded)} sources for {args.iterations} iterations (give 1 or {args.iterations})")
 
 

@@ -239,3 +239,16 @@ def test_end_to_end_one_iteration_reloads_and_resumes(tmp_path, toy_world):
     res = run_stage(*cmd)
     assert res.returncode == 0 and "generate.py" not in res.stdout and "train.py" not in res.stdout
     assert (run_dir / "iter1/model/model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_generation_lm_head_layout_gives_the_same_logits(tok_model):
+    from generate import lm_head_as_weight_times_hidden
+    tok, model = tok_model
+    ids = torch.tensor([prompt_token_ids(tok, "Which fruit suits the picnic?")] * 3)
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with lm_head_as_weight_times_hidden(model):
+            assert "forward" in vars(model.lm_head)  # the swapped layout is what runs here
+            swapped = model(input_ids=ids).logits
+    assert "forward" not in vars(model.lm_head)  # restored
+    assert torch.allclose(plain, swapped, atol=1e-5) and plain.abs().max() > 1
