@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from common import (PROMPT_FORMATS, InputError, dist_env, fail_with, load_model, load_tokenizer, prompt_token_ids, read_records,
-                    run_info, run_sharded, write_json)
+                    response_end_ids, run_info, run_sharded, write_json)
 
 
 def row_seed(seed: int, prompt_id, k: int) -> int:
@@ -63,10 +63,12 @@ class GumbelSampler:
         return logits + gumbel.to(logits.device)
 
 
-def stop_token_ids(model, tokenizer) -> set:
+def stop_token_ids(model, tokenizer, prompt_format="auto") -> set:
+    """The model's and tokenizer's EOS, and the special token that ends an assistant's turn in the
+    chat template (<|eot_id|>, <end_of_turn>: the one training puts at the end of a response)."""
     eos = model.generation_config.eos_token_id
     ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
-    return ids | {tokenizer.eos_token_id}
+    return ids | {tokenizer.eos_token_id, response_end_ids(tokenizer, prompt_format)[-1]}
 
 
 @contextlib.contextmanager
@@ -95,7 +97,7 @@ def generate_responses(model, tokenizer, records, K, temperature=1.0, top_p=1.0,
     """K responses per record: returns new records with "responses" and "truncated"."""
     from transformers import GenerationConfig, LogitsProcessorList
     device = next(model.parameters()).device
-    stops = stop_token_ids(model, tokenizer)
+    stops = stop_token_ids(model, tokenizer, prompt_format)
     prompt_ids = [prompt_token_ids(tokenizer, r["prompt"], prompt_format) for r in records]
     # longest prompts first: batches of similar length waste less padding
     order = sorted(range(len(records)), key=lambda i: -len(prompt_ids[i]))
@@ -135,15 +137,10 @@ def generate_responses_vllm(model_dir, tokenizer, records, K, temperature=1.0, t
     batch or shard (they differ from the HF backend's: another sampler). One engine per process;
     tensor_parallel_size > 1 spreads one engine over several GPUs for models that need it.
     """
-    rank, world, local_rank = dist_env()
-    if world > 1 and tensor_parallel_size == 1:  # one engine per rank, each on its own GPU
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(local_rank + 1)))).split(",")
-        os.environ["CUDA_VISIBLE_DEVICES"] = visible[local_rank]
-    from vllm import LLM, SamplingParams, TokensPrompt
+    from vllm import LLM, SamplingParams, TokensPrompt  # after prepare_vllm_process: see there
     engine = LLM(model=str(model_dir), tokenizer=str(model_dir), seed=seed, dtype="auto",
                  tensor_parallel_size=tensor_parallel_size, trust_remote_code=False)
-    stops = sorted({tokenizer.eos_token_id} | set(tokenizer.convert_tokens_to_ids(
-        [t for t in tokenizer.all_special_tokens if t in ("<|eot_id|>", "<end_of_turn>", "<|im_end|>")])))
+    stops = sorted({tokenizer.eos_token_id, response_end_ids(tokenizer, prompt_format)[-1]})
     prompts = [TokensPrompt(prompt_token_ids=prompt_token_ids(tokenizer, r["prompt"], prompt_format)) for r in records]
     params = [SamplingParams(n=K, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_new_tokens,
                              seed=row_seed(seed, r["id"], 0) % 2**31, stop_token_ids=stops, skip_special_tokens=True)
@@ -151,6 +148,29 @@ def generate_responses_vllm(model_dir, tokenizer, records, K, temperature=1.0, t
     outputs = engine.generate(prompts, params, use_tqdm=True)
     return [dict(rec, responses=[c.text for c in out.outputs], truncated=[c.finish_reason == "length" for c in out.outputs])
             for rec, out in zip(records, outputs)]
+
+
+def prepare_vllm_process(local_rank, world, tensor_parallel_size):
+    """Set up this process for vLLM before anything touches CUDA; call before `import vllm`.
+
+    vLLM 0.33 starts its engine workers by fork unless torch.cuda.is_initialized(); but a CUDA
+    driver initialised by an earlier torch.cuda.is_available() (without NVML) breaks a forked
+    child ("Cannot re-initialize CUDA in forked subprocess"), and CUDA_VISIBLE_DEVICES counts
+    only if set before the driver starts. So nothing here queries CUDA; each torchrun rank sees
+    just its own block of tensor_parallel_size GPUs; workers start by spawn (safe: this script
+    has a __main__ guard) unless the user set VLLM_WORKER_MULTIPROC_METHOD; and any later torch
+    device check goes through NVML, which vLLM itself sets on import, too late for code before it.
+    """
+    if world > 1:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        devices = visible.split(",") if visible else [str(i) for i in range((local_rank + 1) * tensor_parallel_size)]
+        mine = devices[local_rank * tensor_parallel_size:(local_rank + 1) * tensor_parallel_size]
+        if len(mine) < tensor_parallel_size:
+            raise InputError(f"CUDA_VISIBLE_DEVICES={visible}: rank {local_rank} needs {tensor_parallel_size} "
+                             f"GPUs of its own (--tensor_parallel_size)")
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
 
 def main(argv=None):
@@ -176,13 +196,16 @@ def main(argv=None):
     if args.K < 1:
         fail_with(InputError("--K must be at least 1"))
     rank, world, local_rank = dist_env()
-    device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    dtype = {"auto": torch.bfloat16 if device != "cpu" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     try:  # every rank reads and checks the whole file, so bad input stops all ranks alike
         records = read_records(args.prompts, stage="prompts")
+        if args.backend == "vllm":  # vLLM picks its device; no CUDA query before it starts
+            prepare_vllm_process(local_rank, world, args.tensor_parallel_size)
     except InputError as e:
         fail_with(e)
+    if args.backend == "hf":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        dtype = {"auto": torch.bfloat16 if device != "cpu" else torch.float32,
+                 "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
 
     def work(shard):  # the model is loaded only by a rank that has work left
         tokenizer = load_tokenizer(args.model)

@@ -229,7 +229,7 @@ def test_end_to_end_one_iteration_reloads_and_resumes(tmp_path, toy_world):
     info = json.loads((run_dir / "config.json").read_text())
     assert info["config"]["seed"] == 0 and info["config"]["K"] == 3 and "torch" in info["versions"]
     metrics = [json.loads(line) for line in (run_dir / "iter1/model/metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 2 * 4 and abs(metrics[0]["logratio_first"]) < 1e-4  # pi_theta = pi_t at step 1
+    assert len(metrics) == 2 * 4 and abs(metrics[0]["logratio_chosen"]) < 1e-4  # pi_theta = pi_t at step 1
     model = AutoModelForCausalLM.from_pretrained(run_dir / "iter1/model")
     base = AutoModelForCausalLM.from_pretrained(toy_world["model"])
     moved = max((a - b).abs().max().item() for a, b in zip(model.parameters(), base.parameters()))
