@@ -170,11 +170,15 @@ def test_prompt_slices_and_alpaca_eval_export(tmp_path):
     rows = [{"id": i, "prompt": f"q{i}"} for i in range(7)]
     for n in range(3):
         write_records(tmp_path / f"p{n}.jsonl", rows[n::3])
-    args = argparse.Namespace(prompts=str(tmp_path / "p0.jsonl"), prompt_split="train", prompt_column="prompt", iterations=3)
+    args = argparse.Namespace(prompts=str(tmp_path / "p0.jsonl"), prompt_split="train", prompt_column="prompt", iterations=3,
+                              prompts_per_iteration=None)
     whole = [{"id": i, "prompt": f"q{i}"} for i in (0, 3, 6)]
     assert iterate.prompt_slices(args) == [whole[:1], whole[1:2], whole[2:]]  # one source: split, none dropped
     args.prompts = ",".join(str(tmp_path / f"p{n}.jsonl") for n in range(3))
     assert iterate.prompt_slices(args) == [rows[0::3], rows[1::3], rows[2::3]]  # one source per iteration
+    args.prompts_per_iteration = 2  # the first 2 of each slice
+    assert iterate.prompt_slices(args) == [rows[0::3][:2], rows[1::3][:2], rows[2::3][:2]]
+    args.prompts_per_iteration = None
     args.prompts = ",".join(str(tmp_path / f"p{n}.jsonl") for n in range(2))
     with pytest.raises(InputError, match="2 sources for 3 iterations"):
         iterate.prompt_slices(args)
