@@ -16,6 +16,7 @@ import re
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -169,13 +170,16 @@ def read_records(path, stage="prompts", K=None):
 
 
 def load_prompts(source, split="train", column="prompt"):
-    """Prompt records {id, prompt, ...} from a JSONL file, a directory saved by `datasets`
-    (`save_to_disk`), or a hub dataset name (the only case that touches the network).
+    """Prompt records {id, prompt, ...} from a JSONL file, a JSON list (`read_json_prompts`: AlpacaEval's
+    eval set), a directory saved by `datasets` (`save_to_disk`), or a hub dataset name (the only case
+    that touches the network).
 
     Dataset rows keep all their columns; the prompt is taken from `column` (a string or a list
     of chat messages) and the id from "id" or "prompt_id" when present, else "<source>-<row>".
     """
     path = Path(source)
+    if path.is_file() and path.suffix == ".json":
+        return read_json_prompts(path, column)
     if path.is_file():
         return read_records(path, stage="prompts")
     import datasets
@@ -200,6 +204,33 @@ def load_prompts(source, split="train", column="prompt"):
         records.append(rec)
     if len({str(r["id"]) for r in records}) != len(records):
         raise InputError(f"{source}: field 'id': ids are not unique")
+    return records
+
+
+def read_json_prompts(path, column="prompt"):
+    """Prompt records from a JSON list of objects, e.g. AlpacaEval's own eval set (alpaca_eval.json:
+    instruction, output, generator, dataset). The prompt is the `column` field, or "instruction"
+    in rows without it; ids from "id", else "<file stem>-<index>". The reference answer's "output"
+    and "generator" are dropped: they describe another model's answer, not the prompt."""
+    try:
+        rows = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        _fail(path, e.lineno, None, f"malformed JSON ({e.msg} at column {e.colno})")
+    if not isinstance(rows, list) or not rows:
+        _fail(path, None, None, "expected a non-empty JSON list of objects (or a .jsonl file)")
+    records = []
+    for n, row in enumerate(rows):
+        if not isinstance(row, dict):
+            _fail(path, f"item {n}", None, f"expected a JSON object, got {type(row).__name__}")
+        field = column if column in row else "instruction"
+        if field not in row:
+            _fail(path, f"item {n}", column, "missing (and no 'instruction')")
+        rec = {k: v for k, v in row.items() if k not in ("output", "generator")}
+        rec.update(prompt=row[field], id=row.get("id", f"{Path(path).stem}-{n}"))
+        _check_record(rec, path, f"item {n}", "prompts", None)
+        records.append(rec)
+    if len({r["id"] for r in records}) != len(records):
+        raise InputError(f"{path}: field 'id': ids are not unique")
     return records
 
 
@@ -476,11 +507,59 @@ def prompt_text(prompt) -> str:
     return next(m["content"] for m in reversed(prompt) if m["role"] == "user")
 
 
-def response_token_ids(tokenizer, response: str, truncated: bool) -> list:
-    """A response's ids as trained on: its text (control strings in it stay text), plus EOS when
-    generation ended by itself."""
+RESPONSE_MARK = "SPPO-RESPONSE-MARK"  # stands for an assistant message's content in a rendered template
+
+
+def around_response(tokenizer, prompt):
+    """(text before, text after) an assistant message that answers `prompt`, as the chat template
+    renders the conversation: everything the template writes around the response's content."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": RESPONSE_MARK}], tokenize=False)
+    before, found, after = text.partition(RESPONSE_MARK)
+    if not found:
+        raise InputError("the chat template does not write the assistant's message")
+    return before, after
+
+
+def templated_prompt_text(tokenizer, prompt) -> str:
+    """The prompt as the official pipeline shows it to PairRM (uclaml/SPPO scripts/rank.py): the
+    chat template's text up to where the assistant's answer starts, special-token text included
+    ("<s>[INST] ... [/INST]"). The official code finds that point by rendering the answer "None"
+    and cutting at the first "None", which also cuts a prompt that contains "None"; here the cut
+    is at the answer itself, so the text is the same for every prompt without "None"."""
+    return around_response(tokenizer, prompt)[0]
+
+
+def response_end_ids(tokenizer, prompt_format="auto") -> list:
+    """The tokens that end an assistant's turn: what the chat template writes right after an
+    assistant message, up to and including its first special token (Llama-3 <|eot_id|>, Gemma
+    <end_of_turn>, Mistral </s>; a newline after it belongs to the next turn). The tokenizer's EOS
+    for plain prompts (no chat template, or prompt_format "plain"), or if the template writes no
+    special token there."""
+    if prompt_format == "plain":
+        return [tokenizer.eos_token_id]
+    key = (tokenizer.chat_template, tokenizer.eos_token_id)
+    cached = _END_IDS.get(tokenizer)
+    if cached is not None and cached[0] == key:  # rendering the template costs ~4 tokenizer calls
+        return list(cached[1])
+    ids = [tokenizer.eos_token_id]
+    if tokenizer.chat_template is not None:
+        after = tokenizer(around_response(tokenizer, "x")[1], add_special_tokens=False)["input_ids"]
+        special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        end = next((n for n, i in enumerate(after) if i in special), None)
+        ids = ids if end is None else after[:end + 1]
+    _END_IDS[tokenizer] = (key, ids)
+    return list(ids)
+
+
+_END_IDS = weakref.WeakKeyDictionary()  # tokenizer -> ((chat template, eos), response_end_ids)
+
+
+def response_token_ids(tokenizer, response: str, truncated: bool, prompt_format="auto") -> list:
+    """A response's ids as trained on: its text (control strings in it stay text), plus the
+    end-of-turn tokens (response_end_ids) when generation ended by itself."""
     ids = tokenizer(response, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    return ids if truncated else ids + [tokenizer.eos_token_id]
+    return ids if truncated else ids + response_end_ids(tokenizer, prompt_format)
 
 
 def collate(pairs, pad_id, padding_side="split"):

@@ -18,6 +18,7 @@ This uses HF `generate` in greedy mode with a logits processor that adds Gumbel 
 tempered, filtered logits: the argmax of logits/T + Gumbel is an exact sample from softmax(logits/T).
 """
 import argparse
+import contextlib
 import hashlib
 import os
 
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from common import (PROMPT_FORMATS, InputError, check_model_path, check_output, checked_prompt_ids, dist_env, fail_with, load_model,
                     load_tokenizer, model_context, nonneg_float, nonneg_int, path_stamp, positive_int, probability,
-                    prompt_token_ids, read_records, run_info, run_sharded, watch_launcher, write_json)
+                    prompt_token_ids, read_records, response_end_ids, run_info, run_sharded, watch_launcher, write_json)
 
 
 def row_seed(seed: int, prompt_id, k: int) -> int:
@@ -63,19 +64,41 @@ class GumbelSampler:
         return logits + gumbel.to(logits.device)
 
 
-def stop_token_ids(model, tokenizer) -> set:
+def stop_token_ids(model, tokenizer, prompt_format="auto") -> set:
+    """The model's and tokenizer's EOS, and the special token that ends an assistant's turn in the
+    chat template (<|eot_id|>, <end_of_turn>: the one training puts at the end of a response)."""
     eos = model.generation_config.eos_token_id
     ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
-    return ids | {tokenizer.eos_token_id}
+    return ids | {tokenizer.eos_token_id, response_end_ids(tokenizer, prompt_format)[-1]}
+
+
+@contextlib.contextmanager
+def lm_head_as_weight_times_hidden(model):
+    """While generating on the CPU, compute the LM head's logits as (W h^T)^T instead of h W^T.
+
+    The same dot products in another GEMM layout: with a few rows per step and a large
+    vocabulary (Gemma-3: W is 262,144 x 640) MKL's sgemm is 2-3x faster this way on this
+    machine's CPU (BENCHMARKS.md, "The real LM"). The head dominates a generation step there.
+    """
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None or head.weight.device.type != "cpu":
+        yield
+        return
+    head.forward = lambda hidden: (head.weight @ hidden.reshape(-1, hidden.shape[-1]).T).T.reshape(
+        *hidden.shape[:-1], -1)
+    try:
+        yield
+    finally:
+        del head.forward  # back to nn.Linear.forward
 
 
 @torch.no_grad()
 def generate_responses(model, tokenizer, records, K, temperature=1.0, top_p=1.0, top_k=0,
-                       max_new_tokens=128, seed=0, batch_size=8, desc="generate", prompt_format="auto"):
+                       max_new_tokens=128, seed=0, batch_size=16, desc="generate", prompt_format="auto"):
     """K responses per record: returns new records with "responses" and "truncated"."""
     from transformers import GenerationConfig, LogitsProcessorList
     device = next(model.parameters()).device
-    stops = stop_token_ids(model, tokenizer)
+    stops = stop_token_ids(model, tokenizer, prompt_format)
     prompt_ids = [prompt_token_ids(tokenizer, r["prompt"], prompt_format) for r in records]
     # longest prompts first: batches of similar length waste less padding
     order = sorted(range(len(records)), key=lambda i: -len(prompt_ids[i]))
@@ -92,8 +115,9 @@ def generate_responses(model, tokenizer, records, K, temperature=1.0, top_p=1.0,
         if temperature > 0:
             gens = [torch.Generator().manual_seed(row_seed(seed, records[i]["id"], k)) for i in idx for k in range(K)]
             processors.append(GumbelSampler(gens, temperature, top_k, top_p))
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                             logits_processor=processors)
+        with lm_head_as_weight_times_hidden(model):
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                 logits_processor=processors)
         new_tokens = out[:, width:].tolist()
         for j, i in enumerate(idx):
             texts, truncated = [], []
@@ -114,15 +138,10 @@ def generate_responses_vllm(model_dir, tokenizer, records, K, temperature=1.0, t
     batch or shard (they differ from the HF backend's: another sampler). One engine per process;
     tensor_parallel_size > 1 spreads one engine over several GPUs for models that need it.
     """
-    rank, world, local_rank = dist_env()
-    if world > 1 and tensor_parallel_size == 1:  # one engine per rank, each on its own GPU
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(local_rank + 1)))).split(",")
-        os.environ["CUDA_VISIBLE_DEVICES"] = visible[local_rank]
-    from vllm import LLM, SamplingParams, TokensPrompt
+    from vllm import LLM, SamplingParams, TokensPrompt  # after prepare_vllm_process: see there
     engine = LLM(model=str(model_dir), tokenizer=str(model_dir), seed=seed, dtype="auto",
                  tensor_parallel_size=tensor_parallel_size, trust_remote_code=False)
-    stops = sorted({tokenizer.eos_token_id} | set(tokenizer.convert_tokens_to_ids(
-        [t for t in tokenizer.all_special_tokens if t in ("<|eot_id|>", "<end_of_turn>", "<|im_end|>")])))
+    stops = sorted({tokenizer.eos_token_id, response_end_ids(tokenizer, prompt_format)[-1]})
     prompts = [TokensPrompt(prompt_token_ids=prompt_token_ids(tokenizer, r["prompt"], prompt_format)) for r in records]
     params = [SamplingParams(n=K, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_new_tokens,
                              seed=row_seed(seed, r["id"], 0) % 2**31, stop_token_ids=stops, skip_special_tokens=True)
@@ -130,6 +149,29 @@ def generate_responses_vllm(model_dir, tokenizer, records, K, temperature=1.0, t
     outputs = engine.generate(prompts, params, use_tqdm=True)
     return [dict(rec, responses=[c.text for c in out.outputs], truncated=[c.finish_reason == "length" for c in out.outputs])
             for rec, out in zip(records, outputs)]
+
+
+def prepare_vllm_process(local_rank, world, tensor_parallel_size):
+    """Set up this process for vLLM before anything touches CUDA; call before `import vllm`.
+
+    vLLM 0.33 starts its engine workers by fork unless torch.cuda.is_initialized(); but a CUDA
+    driver initialised by an earlier torch.cuda.is_available() (without NVML) breaks a forked
+    child ("Cannot re-initialize CUDA in forked subprocess"), and CUDA_VISIBLE_DEVICES counts
+    only if set before the driver starts. So nothing here queries CUDA; each torchrun rank sees
+    just its own block of tensor_parallel_size GPUs; workers start by spawn (safe: this script
+    has a __main__ guard) unless the user set VLLM_WORKER_MULTIPROC_METHOD; and any later torch
+    device check goes through NVML, which vLLM itself sets on import, too late for code before it.
+    """
+    if world > 1:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        devices = visible.split(",") if visible else [str(i) for i in range((local_rank + 1) * tensor_parallel_size)]
+        mine = devices[local_rank * tensor_parallel_size:(local_rank + 1) * tensor_parallel_size]
+        if len(mine) < tensor_parallel_size:
+            raise InputError(f"CUDA_VISIBLE_DEVICES={visible}: rank {local_rank} needs {tensor_parallel_size} "
+                             f"GPUs of its own (--tensor_parallel_size)")
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
 
 def main(argv=None):
@@ -146,7 +188,7 @@ def main(argv=None):
                     help="chat: the chat template; plain: BOS + prompt text, the response continues it (base "
                          "models); auto: chat if the tokenizer has a template")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch_size", type=positive_int, default=8, help="prompts per generate call (x K rows)")
+    ap.add_argument("--batch_size", type=positive_int, default=16, help="prompts per generate call (x K rows)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="auto: bfloat16 on GPU, float32 on CPU")
     ap.add_argument("--backend", default="hf", choices=["hf", "vllm"], help="vllm: GPUs, requirements-vllm.txt")
@@ -154,9 +196,6 @@ def main(argv=None):
     args = ap.parse_args(argv)
     watch_launcher()
     rank, world, local_rank = dist_env()
-    device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    dtype = {"auto": torch.bfloat16 if device != "cpu" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     try:  # every rank checks paths and the whole file, so bad input stops all ranks alike, before any work
         check_model_path(args.model)
         check_output(args.out)
@@ -168,8 +207,14 @@ def main(argv=None):
                            context and context - args.max_new_tokens,
                            f"the model's context ({context}) minus --max_new_tokens ({args.max_new_tokens})",
                            args.prompt_format)
+        if args.backend == "vllm":  # vLLM picks its device; no CUDA query before it starts
+            prepare_vllm_process(local_rank, world, args.tensor_parallel_size)
     except InputError as e:
         fail_with(e)
+    if args.backend == "hf":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        dtype = {"auto": torch.bfloat16 if device != "cpu" else torch.float32,
+                 "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
 
     def work(shard):  # the model is loaded only by a rank that has work left
         tokenizer = load_tokenizer(args.model)

@@ -35,34 +35,41 @@ HERE = Path(__file__).resolve().parent
 # Settings that differ between the embedded toy world and a real model; a flag overrides them.
 PRESETS = {
     # The paper's and official code's values (section 5; official scripts).
-    "paper": dict(K=5, temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=512, eta=1000.0, lr=5e-7,
+    # Generation allows 2048 new tokens (scripts/generate.py), training cuts to max_length 1024
+    # (train.py counts the cuts); gradient checkpointing as recipes/uclaml-sppo/config_full.yaml;
+    # the AlpacaEval outputs decoded as models_configs/*/configs.yaml (T 0.7, top_p 0.9, 2048).
+    "paper": dict(K=5, temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=2048, eta=1000.0, lr=5e-7,
                   lr_schedule="linear", epochs=1, global_batch=64, micro_batch=8, max_prompt_length=512,
-                  max_length=1024),
+                  max_length=1024, prompts_per_iteration=0, grad_checkpointing=True, judge_prompt="plain",
+                  eval_temperature=0.7, eval_top_p=0.9, eval_max_new_tokens=2048),
     # The toy world: see NOTES.md for why eta=10, lr=1e-4 and 5 epochs.
     "toy": dict(K=5, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=16, eta=10.0, lr=1e-4,
                 lr_schedule="constant", epochs=5, global_batch=32, micro_batch=8, max_prompt_length=64,
-                max_length=96),
+                max_length=96, grad_checkpointing=False, judge_prompt="plain",
+                eval_temperature=0.0, eval_top_p=1.0, eval_max_new_tokens=16),
     # The real-LM world (Gemma-3-270M, VADER): see NOTES.md for the search behind these values.
-    "sentiment": dict(K=4, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=24, eta=10.0, lr=5e-7,
-                      lr_schedule="constant", epochs=3, global_batch=16, micro_batch=4, max_prompt_length=64,
-                      max_length=96),
+    "sentiment": dict(K=4, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=20, eta=10.0, lr=1e-6,
+                      lr_schedule="constant", epochs=2, global_batch=8, micro_batch=4, max_prompt_length=64,
+                      max_length=96, prompts_per_iteration=64, grad_checkpointing=False, judge_prompt="plain",
+                      eval_temperature=0.0, eval_top_p=1.0, eval_max_new_tokens=20),
 }
 # Presets that bring their own model, prompts, judge and evaluator (a module with build_world and
 # evaluate); used when no --model is given.
 WORLDS = ("toy", "sentiment")
 # The official runs (uclaml/SPPO run_sppo_*.sh): all three models use the same three UltraFeedback
-# prompt sets, one per iteration, PairRM with its aggregated scores, and the paper's training values.
+# prompt sets, one per iteration, PairRM with its aggregated scores reading the chat-templated
+# prompt (scripts/rank.py), and the paper's training values.
 OFFICIAL_PROMPTS = ",".join(f"UCLA-AGI/data-mistral-7b-instruct-sppo-iter{i}" for i in (1, 2, 3))
 for _name, _model, _micro in [("mistral-7b", "mistralai/Mistral-7B-Instruct-v0.2", 8),
                               ("llama-3-8b", "meta-llama/Meta-Llama-3-8B-Instruct", 8),
                               ("gemma-2-9b", "google/gemma-2-9b-it", 4)]:
     PRESETS[_name] = dict(PRESETS["paper"], model=_model, prompts=OFFICIAL_PROMPTS, judge="pairrm", p_mode="scores",
-                          backend="vllm", micro_batch=_micro)
+                          judge_prompt="template", backend="vllm", micro_batch=_micro)
 # the stages' own checks of these flags, applied here so a bad value stops the run before any work
 FLAG_TYPES = dict(K=positive_int, temperature=nonneg_float, top_p=probability, top_k=nonneg_int,
                   max_new_tokens=positive_int, eta=finite_float, lr=nonneg_float, epochs=positive_int,
                   global_batch=positive_int, micro_batch=positive_int, max_prompt_length=positive_int,
-                  max_length=positive_int)
+                  max_length=positive_int, prompts_per_iteration=nonneg_int)
 # settings a run directory can be resumed with when they change: how the work runs, not what it computes
 RESUME_FREE = ("dry_run", "nproc_per_node", "run_dir", "save_every")
 
@@ -74,7 +81,8 @@ def parse_args(argv=None):
                     "slices; or one comma-separated source per iteration")
     ap.add_argument("--prompt_split", default="train", help="dataset split of the prompt sources")
     ap.add_argument("--prompt_column", default="prompt", help="dataset column holding the prompt")
-    ap.add_argument("--eval_prompts", help="held-out prompts: greedy outputs per iteration in AlpacaEval format")
+    ap.add_argument("--eval_prompts", help="held-out prompts (JSONL, or AlpacaEval's JSON list with 'instruction'): "
+                    "one output per prompt and iteration in AlpacaEval format, decoded with --eval_temperature etc.")
     ap.add_argument("--eval_max", type=nonneg_int, default=805, help="at most this many eval prompts")
     ap.add_argument("--judge", help="pairrm, reward or module:factory for rank.py")
     ap.add_argument("--judge_path", help="what the judge loads")
@@ -94,8 +102,11 @@ def parse_args(argv=None):
     ap.add_argument("--save_every", type=nonneg_int, default=0, help="train.py: resumable checkpoint every N steps")
     ap.add_argument("--dry-run", dest="dry_run", action="store_true", help="print config and commands only")
     for key, value in PRESETS["paper"].items():
-        ap.add_argument(f"--{key}", type=FLAG_TYPES.get(key, type(value)), default=None,
-                        help=f"preset default (paper: {value})")
+        help_text = f"preset default (paper: {value}" + ("; 0 = the whole slice)" if key == "prompts_per_iteration" else ")")
+        if isinstance(value, bool):  # --grad_checkpointing / --no-grad_checkpointing
+            ap.add_argument(f"--{key}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            ap.add_argument(f"--{key}", type=FLAG_TYPES.get(key, type(value)), default=None, help=help_text)
     args = ap.parse_args(argv)
     args.preset = args.preset or ("paper" if args.model else "toy")
     for key, value in PRESETS[args.preset].items():
@@ -153,7 +164,10 @@ def prompt_slices(args):
         raise InputError(f"--prompts: {len(sources)} sources for {args.iterations} iterations "
                          f"(give 1 or {args.iterations})")
     loaded = [load_prompts(s, args.prompt_split, args.prompt_column) for s in sources]
-    slices = loaded if len(loaded) == args.iterations else split_prompts(loaded[0], args.iterations)
+    if len(loaded) == 1:
+        loaded = split_prompts(loaded[0], args.iterations)
+    # --prompts_per_iteration: the first N of each slice (0: all)
+    slices = [part[:args.prompts_per_iteration or None] for part in loaded]
     for t, records in enumerate(slices, 1):
         if not records:
             raise InputError(f"--prompts: iteration {t} of {args.iterations} gets no prompts "
@@ -192,9 +206,10 @@ def check_same_settings(config_path, config):
 
 
 def export_alpaca_eval(responses_path, out_path, generator):
-    """AlpacaEval's model_outputs.json: instruction, output, generator per prompt."""
-    rows = [{"instruction": prompt_text(r["prompt"]), "output": r["responses"][0], "generator": generator}
-            for r in read_records(responses_path, stage="prompts")]  # K = 1: greedy
+    """AlpacaEval's model_outputs.json: instruction, output, generator (and dataset) per prompt."""
+    rows = [{"instruction": prompt_text(r["prompt"]), "output": r["responses"][0], "generator": generator,
+             **({"dataset": r["dataset"]} if "dataset" in r else {})}
+            for r in read_records(responses_path, stage="prompts")]  # K = 1
     atomic_write(out_path, lambda f: json.dump(rows, f, indent=1, ensure_ascii=False))
 
 
@@ -238,12 +253,13 @@ def main(argv=None):
         if eval_prompts and not (run_dir / "eval_prompts.jsonl").exists():
             write_records(run_dir / "eval_prompts.jsonl", eval_prompts[:args.eval_max])
 
-    def export(t, model_dir):  # greedy outputs of pi_t on the eval prompts, for alpaca_eval
+    def export(t, model_dir):  # outputs of pi_t on the eval prompts, for alpaca_eval
         out = run_dir / f"iter{t}" / "eval_responses.jsonl"
         if args.dry_run or not out.exists():
             run(launcher(args.nproc_per_node) + [
                 HERE / "generate.py", "--model", model_dir, "--prompts", run_dir / "eval_prompts.jsonl", "--out", out,
-                "--K", 1, "--temperature", 0, "--max_new_tokens", args.max_new_tokens,
+                "--K", 1, "--temperature", args.eval_temperature, "--top_p", args.eval_top_p,
+                "--max_new_tokens", args.eval_max_new_tokens, "--seed", args.seed,
                 "--prompt_format", args.prompt_format] + backend, args.dry_run,
                 timings, iteration=t, stage="export")
         if not args.dry_run:
@@ -268,7 +284,8 @@ def main(argv=None):
                 timings, iteration=t, stage="generate")
         if args.dry_run or not ranked.exists():
             run(launcher(args.nproc_per_node) + [
-                HERE / "rank.py", "--responses", responses, "--out", ranked, "--judge", args.judge]
+                HERE / "rank.py", "--responses", responses, "--out", ranked, "--judge", args.judge,
+                "--judge_prompt", args.judge_prompt] + (["--template_model", models[-1]] if args.judge_prompt == "template" else [])
                 + (["--judge_path", args.judge_path] if args.judge_path else [])
                 + (["--p_mode", args.p_mode] if args.p_mode else []), args.dry_run, timings, iteration=t, stage="rank")
         if args.dry_run or not (model / "train_info.json").exists():
@@ -278,7 +295,8 @@ def main(argv=None):
                 "--lr_schedule", args.lr_schedule, "--epochs", args.epochs, "--global_batch", args.global_batch,
                 "--micro_batch", args.micro_batch, "--max_prompt_length", args.max_prompt_length,
                 "--max_length", args.max_length, "--seed", args.seed, "--save_every", args.save_every,
-                "--prompt_format", args.prompt_format], args.dry_run,
+                "--prompt_format", args.prompt_format]
+                + (["--grad_checkpointing"] if args.grad_checkpointing else []), args.dry_run,
                 timings, iteration=t, stage="train")
         models.append(str(model))
         if args.eval_prompts:

@@ -20,10 +20,12 @@ where P is a [K, K] tensor (or nested list) and scores a [K] list or None. Built
   reward  any Bradley-Terry reward model (AutoModelForSequenceClassification, one output).
 `--judge module:factory` imports `factory(judge_path)` from `module`, so a new judge plugs in
 without touching this file (the toy world's judge is `toy:ToyJudge`).
-Judges see the plain prompt text (the last user message) and the response text, never the
-policy's chat-template tokens.
+Judges see the response text and, by default, the plain prompt text (the last user message);
+`--judge_prompt template` shows them the prompt as the official SPPO pipeline shows it to PairRM:
+the policy's chat template up to the answer, as text (common.templated_prompt_text).
 """
 import argparse
+import functools
 import importlib
 import sys
 import warnings
@@ -32,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (InputError, check_output, dist_env, fail_with, path_stamp, positive_int, preference_matrix_problem,
-                    prompt_text, read_records, run_sharded, watch_launcher)
+from common import (InputError, check_output, dist_env, fail_with, load_tokenizer, path_stamp, positive_int,
+                    preference_matrix_problem, prompt_text, read_records, run_sharded, templated_prompt_text,
+                    watch_launcher)
 from sppo_loss import prob_matrix_from_scores, win_rates
 
 PAIRRM_HUB_NAME = "llm-blender/PairRM"
@@ -277,12 +280,13 @@ def checked_matrix(P, K, rec_id):
     return P
 
 
-def rank_records(records, judge, batch_size=16, desc="rank"):
-    """Add P, win_rate (and scores) to each record; records are not modified in place."""
+def rank_records(records, judge, batch_size=16, desc="rank", judge_text=prompt_text):
+    """Add P, win_rate (and scores) to each record; records are not modified in place.
+    judge_text(prompt) is the prompt as the judge reads it."""
     out = []
     for start in tqdm(range(0, len(records), batch_size), desc=desc, unit="batch"):
         batch = records[start:start + batch_size]
-        results = judge.preferences([prompt_text(r["prompt"]) for r in batch], [r["responses"] for r in batch])
+        results = judge.preferences([judge_text(r["prompt"]) for r in batch], [r["responses"] for r in batch])
         for rec, (P, scores) in zip(batch, results):
             P = checked_matrix(P, len(rec["responses"]), rec["id"])
             new = dict(rec, P=P.tolist(), win_rate=win_rates(P).tolist())
@@ -307,6 +311,10 @@ def main(argv=None):
     ap.add_argument("--judge_batch_size", type=positive_int, default=32, help="sequences per judge forward")
     ap.add_argument("--judge_device", default=None, help="default: cuda:LOCAL_RANK on GPUs, else cpu")
     ap.add_argument("--batch_size", type=positive_int, default=16, help="prompts per judge call")
+    ap.add_argument("--judge_prompt", choices=("plain", "template"), default="plain",
+                    help="what the judge reads as the prompt: the plain text (last user message), or the policy's "
+                         "chat template up to the answer, special-token text included, as the official SPPO rank.py")
+    ap.add_argument("--template_model", help="--judge_prompt template: the model dir or hub name whose tokenizer's chat template renders the prompt")
     args = ap.parse_args(argv)
     watch_launcher()
     rank, world, local_rank = dist_env()
@@ -316,10 +324,19 @@ def main(argv=None):
     def work(shard):  # the judge is built only by a rank that has work left
         judges.append(make_judge(args.judge, args.judge_path, p_mode=args.p_mode, max_length=args.judge_max_length,
                                  batch_size=args.judge_batch_size, device=device))
-        return rank_records(shard, judges[0], args.batch_size, desc="rank" if world == 1 else f"rank {rank}/{world}")
+        return rank_records(shard, judges[0], args.batch_size, desc="rank" if world == 1 else f"rank {rank}/{world}",
+                            judge_text=judge_text)
     try:  # every rank checks paths, judge and the whole file, so bad input stops all ranks alike, before any work
         check_output(args.out)
         judge_factory(args.judge)
+        judge_text = prompt_text
+        if args.judge_prompt == "template":
+            if not args.template_model:
+                raise InputError("--judge_prompt template needs --template_model (the policy's tokenizer)")
+            tokenizer = load_tokenizer(args.template_model)
+            if tokenizer.chat_template is None:
+                raise InputError(f"--template_model {args.template_model}: the tokenizer has no chat template")
+            judge_text = functools.partial(templated_prompt_text, tokenizer)
         records = read_records(args.responses, stage="responses")
         run_sharded(records, args.out, work, config=dict(vars(args), judge_path=path_stamp(args.judge_path or "")))
     except InputError as e:

@@ -148,7 +148,7 @@ def evaluate(model_dirs, world, run_dir, max_new_tokens=24):
         if not cache.exists():
             tokenizer, model = load_tokenizer(model_dir), load_model(model_dir).eval()
             records = generate_responses(model, tokenizer, eval_prompts, EVAL_SAMPLES, max_new_tokens=max_new_tokens,
-                                         seed=EVAL_SEED, batch_size=8, desc=f"eval samples pi_{t}")
+                                         seed=EVAL_SEED, batch_size=24, desc=f"eval samples pi_{t}")
             logp_t, lengths = sample_logps(model, tokenizer, records)
             if base is None:
                 base = (tokenizer, model) if t == 0 else (load_tokenizer(model_dirs[0]), load_model(model_dirs[0]).eval())

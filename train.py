@@ -45,7 +45,7 @@ from common import (PROMPT_FORMATS, InputError, atomic_write, check_model_path, 
 from sppo_loss import LOSS_TYPES, preference_loss, responses_used
 
 # flags that change how, not what, is computed (up to rounding): a checkpoint resumes across them
-RESUME_FREE = ("save_every", "micro_batch", "grad_checkpointing", "cpu_offload")
+RESUME_FREE = ("save_every", "micro_batch", "grad_checkpointing", "cpu_offload", "peak_tflops")
 
 
 def parse_args(argv=None):
@@ -78,6 +78,8 @@ def parse_args(argv=None):
     ap.add_argument("--grad_checkpointing", action="store_true", help="recompute each decoder layer in backward")
     ap.add_argument("--cpu_offload", action="store_true", help="FSDP2 keeps parameters, grads, optimizer on CPU (torchrun, GPU)")
     ap.add_argument("--save_every", type=nonneg_int, default=0, help="resumable checkpoint every N steps and at the end (0: none)")
+    ap.add_argument("--peak_tflops", type=positive_float, default=None,
+                    help="peak TFLOP/s of one device, for the MFU estimate (default: known GPUs; none on CPU)")
     return ap.parse_args(argv)
 
 
@@ -85,28 +87,34 @@ def build_examples(records, tokenizer, loss_type, max_prompt_length, max_length,
     """Token ids of the responses each prompt trains on, with their P and win rates.
 
     Returns (examples, n_cut): example = dict(prompt_ids, response_ids [R lists], P, win_rate,
-    used); n_cut = {"responses": shortened to fit max_length (their EOS is then lost),
-    "prompts": cut to their last max_prompt_length tokens}. A prompt that leaves no room for a
-    response within max_length is an error naming its line in `path`.
+    used); n_cut counts responses shortened to fit max_length (their end tokens are then lost).
+    Lengths are cut as the official trainer cuts them (uclaml/SPPO sppo/trainer.py, tokenize_row):
+    only when the prompt plus the longest trained response exceed max_length does the prompt keep
+    just its last max_prompt_length tokens; a response still too long then loses its tail. (The
+    official code cuts such a response to max_length - max_prompt_length tokens even after a short
+    prompt; here it keeps what max_length leaves.) A prompt so cut is flagged ("prompt_cut"); one
+    that leaves no room for a response within max_length is an error naming its line in `path`.
     """
-    examples, n_cut = [], {"responses": 0, "prompts": 0}
+    examples, n_cut = [], 0
     for n, rec in enumerate(records):
-        win_rate = torch.tensor([rec["win_rate"]], dtype=torch.float32)
-        used = responses_used(loss_type, win_rate)[0]
+        # select in the precision the file holds: float32 can turn a near-tie into a tie
+        used = responses_used(loss_type, torch.tensor([rec["win_rate"]], dtype=torch.float64))[0]
+        truncated = rec.get("truncated", [False] * len(rec["responses"]))
+        responses = [response_token_ids(tokenizer, rec["responses"][k], truncated[k], prompt_format)
+                     for k in used.tolist()]
         prompt_ids = prompt_token_ids(tokenizer, rec["prompt"], prompt_format)
-        n_cut["prompts"] += len(prompt_ids) > max_prompt_length
-        prompt_ids = prompt_ids[-max_prompt_length:]
+        full_prompt = len(prompt_ids)
+        if len(prompt_ids) + max(map(len, responses)) > max_length:
+            prompt_ids = prompt_ids[-max_prompt_length:]
         budget = max_length - len(prompt_ids)
         if budget < 1:
             raise InputError(f"{f'{path}:{record_line(path, n)}' if path else f'record {n + 1}'}: field 'prompt': "
                              f"{len(prompt_ids)} tokens leave no room for a response within --max_length {max_length}")
-        responses = []
-        for k in used.tolist():
-            ids = response_token_ids(tokenizer, rec["responses"][k], rec.get("truncated", [False] * len(rec["responses"]))[k])
-            n_cut["responses"] += len(ids) > budget
-            responses.append(ids[:budget])
-        examples.append({"prompt_ids": prompt_ids, "response_ids": responses, "used": used,
-                         "P": torch.tensor(rec["P"], dtype=torch.float32), "win_rate": win_rate[0]})
+        n_cut += sum(len(ids) > budget for ids in responses)
+        examples.append({"prompt_ids": prompt_ids, "response_ids": [ids[:budget] for ids in responses], "used": used,
+                         "P": torch.tensor(rec["P"], dtype=torch.float32),
+                         "win_rate": torch.tensor(rec["win_rate"], dtype=torch.float32),
+                         "prompt_cut": len(prompt_ids) < full_prompt})
     return examples, n_cut
 
 
@@ -150,25 +158,95 @@ def micro_batches_of(indices, weights, examples, ref_logps, micro_batch):
     return out
 
 
+# what accumulate_gradients sums over a step's micro-batches (each weighted by the example's weight)
+STEP_SUMS = ("loss", "logratio_chosen", "logratio_rejected", "target_chosen", "target_rejected",
+             "ordered", "distinct", "weight", "tokens", "tokens_sq")
+
+
 def accumulate_gradients(model, micro_batches, scale, args, pad_id, device, autocast=contextlib.nullcontext(), fsdp=False):
     """Forward and backward over micro-batches, gradients summed: d(scale * sum_b w_b loss_b)/d theta.
 
-    micro_batches: (examples [B], ref_logps [B, R], weights [B]) each; -> stats [4]: weighted loss
-    sum, first and last response logratio sums, weight sum.
+    micro_batches: (examples [B], ref_logps [B, R], weights [B]) each; -> dict of STEP_SUMS, weighted
+    sums over the examples: the loss; the achieved logratios of the chosen and rejected response
+    (best and worst of those trained on) and their SPPO targets eta * (P(y > pi_t) - 1/2);
+    `distinct` counts pairs whose targets differ and `ordered` those of them whose logratios are in
+    the targets' order; `weight` the examples; `tokens` and `tokens_sq` the sums of n and n^2 over
+    the sequences of n real tokens (for throughput and the FLOP estimate).
     """
-    stats = torch.zeros(4)
+    sums = dict.fromkeys(STEP_SUMS, 0.0)
     for n, (micro, ref, w) in enumerate(micro_batches):
         w = w.to(device)
         if fsdp:  # reduce gradients only once per optimizer step
             model.set_requires_gradient_sync(n == len(micro_batches) - 1)
         with autocast:
             logratios = batch_logps(model, micro, pad_id, device) - ref.to(device)  # log pi_theta/pi_t: [B, R]
-        losses = preference_loss(args.loss_type, logratios, *(torch.stack([ex[key] for ex in micro]).to(device)
-                                                              for key in ("P", "win_rate", "used")), args.eta, args.beta)
+        P, win_rate, used = (torch.stack([ex[key] for ex in micro]).to(device) for key in ("P", "win_rate", "used"))
+        losses = preference_loss(args.loss_type, logratios, P, win_rate, used, args.eta, args.beta)
         ((losses * w).sum() * scale).backward()
+        # the step's metrics: chosen / rejected = the best / worst of the responses trained on
         lr_w = logratios.detach()
-        stats += torch.stack([(losses.detach() * w).sum(), (lr_w[:, 0] * w).sum(), (lr_w[:, -1] * w).sum(), w.sum()]).cpu()
-    return stats
+        targets = args.eta * (win_rate.gather(-1, used) - 0.5)  # [B, R]
+        rows = torch.arange(len(micro), device=device)
+        best, worst = targets.argmax(-1), targets.argmin(-1)
+        distinct = targets[rows, best] > targets[rows, worst]
+        ordered = distinct & (lr_w[rows, best] > lr_w[rows, worst])
+        lengths = torch.tensor([[len(ex["prompt_ids"]) + len(r) for r in ex["response_ids"]] for ex in micro],
+                               dtype=torch.float64, device=device)  # [B, R] real tokens per sequence
+        real = (w > 0).double()  # weight-0 padding examples are not useful work
+        for key, value in (("loss", losses.detach() * w), ("logratio_chosen", lr_w[rows, best] * w),
+                           ("logratio_rejected", lr_w[rows, worst] * w), ("target_chosen", targets[rows, best] * w),
+                           ("target_rejected", targets[rows, worst] * w), ("ordered", ordered * w),
+                           ("distinct", distinct * w), ("weight", w), ("tokens", lengths.sum(-1) * real),
+                           ("tokens_sq", (lengths ** 2).sum(-1) * real)):
+            sums[key] = sums[key] + value.double().sum()
+    return dict(zip(STEP_SUMS, torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device)
+                                            for k in STEP_SUMS]).tolist()))  # one device-to-host copy
+
+
+def flops_per_token_terms(model, grad_checkpointing):
+    """(a, b) of the training FLOP estimate a * n + b * n^2 for a sequence of n tokens (nanoGPT's
+    and PaLM's): forward and backward cost 6 FLOPs per parameter per token, attention 12 L d n per
+    token; recomputing activations (--grad_checkpointing) adds a forward: x 4/3. Parameters count
+    the matrix multiplies: the input embedding is a lookup unless it is tied to the LM head."""
+    n_params = sum(p.numel() for p in model.parameters())  # a tied weight is listed once
+    if not model.config.tie_word_embeddings:
+        n_params -= model.get_input_embeddings().weight.numel()
+    factor = 4 / 3 if grad_checkpointing else 1.0
+    return 6 * n_params * factor, 12 * model.config.num_hidden_layers * model.config.hidden_size * factor
+
+
+# dense bf16 tensor-core peak per GPU (vendor datasheets), matched in this order on the device name
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
+
+
+def peak_tflops(device):
+    """The device's peak TFLOP/s if it is a GPU we know, else None (then no MFU without --peak_tflops)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops for key, tflops in PEAK_TFLOPS if key in name), None)
+
+
+def step_metrics(sums, seconds, flop_counts, peak_flops):
+    """One step's metrics by name, from STEP_SUMS over all ranks and the step's wall time."""
+    n, distinct = sums["weight"], sums["distinct"]
+    flops = flop_counts[0] * sums["tokens"] + flop_counts[1] * sums["tokens_sq"]
+    return {"loss": sums["loss"] / n,
+            "logratio_chosen": sums["logratio_chosen"] / n, "target_chosen": sums["target_chosen"] / n,
+            "logratio_rejected": sums["logratio_rejected"] / n, "target_rejected": sums["target_rejected"] / n,
+            "ordered_fraction": sums["ordered"] / distinct if distinct else None,  # None: all targets tied
+            "tokens": int(sums["tokens"]), "tokens_per_s": sums["tokens"] / seconds,
+            "mfu": flops / seconds / peak_flops if peak_flops else None}
+
+
+def progress_postfix(m):
+    """The progress bar's postfix: the step's metrics, named."""
+    def fmt(x):
+        return "?" if x is None else f"{x:.3g}"
+    return {"loss": fmt(m["loss"]),
+            "logratio_chosen": f"{fmt(m['logratio_chosen'])} (target {fmt(m['target_chosen'])})",
+            "logratio_rejected": f"{fmt(m['logratio_rejected'])} (target {fmt(m['target_rejected'])})",
+            "ordered": fmt(m["ordered_fraction"]), "tokens/s": f"{m['tokens_per_s']:.0f}", "mfu": fmt(m["mfu"])}
 
 
 def optimizer_step(model, optimizer, scheduler, grad_clip):
@@ -190,6 +268,18 @@ def optimizer_step(model, optimizer, scheduler, grad_clip):
 
 class NonFiniteError(ArithmeticError):
     """The loss or gradient of a step is NaN or infinite: training stops, nothing is saved."""
+
+
+def lr_factor(step, warmup_steps, total_steps, schedule="linear"):
+    """The learning rate of optimizer step `step` (0-based) as a fraction of --lr: HF's
+    get_linear_schedule_with_warmup (or get_constant_schedule_with_warmup), as the official
+    trainer: 0 at step 0, linear up to 1 at `warmup_steps`, then linear down to 0 at `total_steps`
+    (or constant)."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    if schedule == "constant":
+        return 1.0
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
 def data_order(n, seed, epoch):
@@ -268,9 +358,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank):
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    train_state = torch.load(path / "train_state.pt")
+    train_state = torch.load(path / "train_state.pt", weights_only=True)
     scheduler.load_state_dict(train_state["scheduler"])
-    rng = torch.load(path / f"rng-{rank}.pt", weights_only=False)  # python's RNG state is a tuple
+    rng = torch.load(path / f"rng-{rank}.pt", weights_only=True)  # tensors and python's tuple: no code runs
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     if "cuda" in rng and torch.cuda.is_available():
@@ -320,11 +410,11 @@ def main(argv=None):
             check_resumable(resume, config)
     except InputError as e:
         fail_with(e)
-    if master and n_cut["responses"]:
-        print(f"warning: {n_cut['responses']} responses cut to --max_length {args.max_length}; "
-              "generate with fewer new tokens")
-    if master and n_cut["prompts"]:
-        print(f"warning: {n_cut['prompts']} prompts cut to their last --max_prompt_length {args.max_prompt_length} tokens")
+    if master and n_cut:
+        print(f"warning: {n_cut} responses cut to --max_length {args.max_length} (their end tokens are not trained on)")
+    prompts_cut = sum(ex["prompt_cut"] for ex in examples)
+    if master and prompts_cut:
+        print(f"warning: {prompts_cut} prompts cut to their last --max_prompt_length {args.max_prompt_length} tokens")
     if fsdp:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
@@ -335,6 +425,8 @@ def main(argv=None):
     # ---- model: fp32 master weights; FSDP2 shards each decoder layer, then the root -----------
     model = load_model(args.model, dtype=torch.float32, device="cpu" if fsdp else device)
     model.config.use_cache = False
+    flop_counts = flops_per_token_terms(model, args.grad_checkpointing)  # before sharding: whole-model sizes
+    peak = (args.peak_tflops or peak_tflops(device) or 0) * 1e12 * world  # FLOP/s of all ranks; 0: unknown
     if args.freeze_embeddings:  # with a large vocabulary, most of the parameters (Gemma-3-270M: 168M of 268M)
         model.get_input_embeddings().weight.requires_grad_(False)
     if args.grad_checkpointing:  # non-reentrant: the one that composes with FSDP2
@@ -359,13 +451,7 @@ def main(argv=None):
     total_steps = steps_per_epoch * args.epochs
     warmup = math.ceil(args.warmup_ratio * total_steps)
 
-    def lr_factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        if args.lr_schedule == "constant":
-            return 1.0
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total_steps, args.lr_schedule))
 
     # ---- reference log-probs of pi_t, once, sharded over ranks (recomputed on resume: the model
     # at --model is pi_t, and that forward is cheaper than storing them) ------------------------
@@ -407,29 +493,31 @@ def main(argv=None):
     t0 = time.time()
     bar = tqdm(total=total_steps, initial=start_step, desc="train", disable=not master)
     for step in range(start_step, total_steps):
+        t_step = time.time()
         epoch, i = divmod(step, steps_per_epoch)
         batch_idx = data_order(len(examples), args.seed, epoch)[i * args.global_batch:(i + 1) * args.global_batch]
         micro_batches = micro_batches_of(*padded_share(batch_idx, rank, world), examples, ref_logps, args.micro_batch)
         # mean over the global batch, not over this rank's share; FSDP averages gradients over
         # ranks, hence * world: the gradient is the same for any number of processes
-        stats = accumulate_gradients(model, micro_batches, world / len(batch_idx), args, tokenizer.pad_token_id,
-                                     device, autocast, fsdp)
+        sums = accumulate_gradients(model, micro_batches, world / len(batch_idx), args, tokenizer.pad_token_id,
+                                    device, autocast, fsdp)
         try:  # a NaN or overflow stops the run here, before anything is saved
             grad_norm, lr_now = optimizer_step(model, optimizer, scheduler, args.grad_clip)
             if fsdp:
-                dist.all_reduce(stats)
-            if not torch.isfinite(stats).all():
-                raise NonFiniteError(f"loss {stats[0].item() / stats[3].item()}")
+                summed = torch.tensor([sums[k] for k in STEP_SUMS], dtype=torch.float64, device=device)
+                dist.all_reduce(summed)
+                sums = dict(zip(STEP_SUMS, summed.tolist()))
+            if not math.isfinite(sums["loss"]):
+                raise NonFiniteError(f"loss {sums['loss']}")
         except NonFiniteError as e:
             fail_with(InputError(f"step {step + 1}: non-finite {e}; training stopped and nothing was saved "
                                  "(lower --lr or --eta, or check --model)"))
         if master:
-            n = stats[3].item()
-            log.write(json.dumps({"step": step + 1, "epoch": epoch, "loss": stats[0].item() / n, "lr": lr_now,
-                                  "grad_norm": grad_norm, "logratio_first": stats[1].item() / n,
-                                  "logratio_last": stats[2].item() / n, "elapsed": time.time() - t0}) + "\n")
+            m = step_metrics(sums, time.time() - t_step, flop_counts, peak)
+            log.write(json.dumps({"step": step + 1, "epoch": epoch, **m, "lr": lr_now, "grad_norm": grad_norm,
+                                  "elapsed": time.time() - t0}) + "\n")
             log.flush()
-            bar.set_postfix(loss=f"{stats[0].item() / n:.4g}")
+            bar.set_postfix(progress_postfix(m))
             bar.update(1)
         # with --save_every, also at the end: a run killed while saving the model resumes there.
         # Without it, no checkpoint at all (at 7B, model + RMSprop state is ~87 GB to write)
@@ -453,8 +541,8 @@ def main(argv=None):
         tokenizer.save_pretrained(final)
         shutil.copy(work_dir / "metrics.jsonl", final / "metrics.jsonl")
         write_json(final / "train_info.json", dict(run_info(config), examples=len(examples), steps=total_steps,
-                                                   resumed_from_step=start_step, responses_cut=n_cut["responses"],
-                                                   prompts_cut=n_cut["prompts"], world_size=world))
+                                                   resumed_from_step=start_step, responses_cut=n_cut,
+                                                   prompts_cut=prompts_cut, world_size=world))
         shutil.rmtree(out, ignore_errors=True)
         os.replace(final, out)
         shutil.rmtree(work_dir)  # the training checkpoint is not needed once pi_{t+1} is in place

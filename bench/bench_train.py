@@ -101,10 +101,10 @@ def our_step(model, optimizer, scheduler, examples, ref_logps, pad_id, loss_type
     micro_batches_of (sorted by length), accumulate_gradients (forward, loss, backward), optimizer_step."""
     n = len(examples)
     micro_batches = train.micro_batches_of(list(range(n)), [1.0] * n, examples, ref_logps, micro_batch or n)
-    stats = train.accumulate_gradients(model, micro_batches, 1 / n, argparse.Namespace(loss_type=loss_type, eta=eta, beta=beta),
+    sums = train.accumulate_gradients(model, micro_batches, 1 / n, argparse.Namespace(loss_type=loss_type, eta=eta, beta=beta),
                                        pad_id, "cpu")
     grad_norm, _ = train.optimizer_step(model, optimizer, scheduler, grad_clip)
-    return stats[0].item() / n, grad_norm
+    return sums["loss"] / n, grad_norm
 
 
 def make_ours(model_dir, lr):

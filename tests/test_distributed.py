@@ -153,8 +153,9 @@ def test_two_processes_match_one(tiny, data):
     for key in ("loss", "grad_norm"):  # step 1: same parameters, so the same numbers up to rounding
         assert math.isclose(m1[0][key], m2[0][key], rel_tol=1e-5), (key, m1[0][key], m2[0][key])
     for a, b in zip(m1, m2):  # later, the tiny parameter differences show in the summed log-ratios
-        for key in ("loss", "grad_norm", "logratio_first", "logratio_last"):
+        for key in ("loss", "grad_norm", "logratio_chosen", "logratio_rejected", "target_chosen", "target_rejected"):
             assert math.isclose(a[key], b[key], rel_tol=1e-3, abs_tol=1e-3), (a["step"], key, a[key], b[key])
+        assert a["tokens"] == b["tokens"]  # the weight-0 padding example of a rank is not counted
     assert not Path(f"{two}.tmp").exists()  # the work dir and its checkpoints are gone once the model is in place
 
 

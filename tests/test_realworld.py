@@ -101,8 +101,9 @@ def test_missing_package_says_how_to_install():
 
 
 def test_smoke_one_iteration_on_the_real_model(tmp_path, gemma_dir):
-    """One SPPO iteration through iterate.py on Gemma-3-270M: 4 prompts, K=2, 8 new tokens, one
-    optimizer step; the result reloads with from_pretrained alone and has moved."""
+    """One SPPO iteration through iterate.py on Gemma-3-270M: 4 prompts, K=2, 8 new tokens, two
+    optimizer steps (the first at lr 0: HF's warmup); the result reloads with from_pretrained alone
+    and has moved."""
     from transformers import AutoModelForCausalLM
     train, _ = sentiment.make_prompts()
     prompts = tmp_path / "prompts.jsonl"
@@ -110,7 +111,7 @@ def test_smoke_one_iteration_on_the_real_model(tmp_path, gemma_dir):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "iterate.py", "--model", gemma_dir, "--prompts", prompts, "--judge", "sentiment:VaderJudge",
            "--preset", "sentiment", "--iterations", "1", "--K", "2", "--max_new_tokens", "8", "--epochs", "1",
-           "--global_batch", "4", "--micro_batch", "2", "--run_dir", run_dir]
+           "--global_batch", "2", "--micro_batch", "2", "--run_dir", run_dir]  # 2 steps: step 1 has lr 0 (warmup)
     res = subprocess.run([str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     responses = read_records(run_dir / "iter1/responses.jsonl", "responses", K=2)
@@ -122,7 +123,7 @@ def test_smoke_one_iteration_on_the_real_model(tmp_path, gemma_dir):
     ranked = read_records(run_dir / "iter1/ranked.jsonl", "ranked", K=2)
     assert all(len(r["scores"]) == 2 for r in ranked)
     metrics = [json.loads(line) for line in (run_dir / "iter1/model/metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 1 and math.isfinite(metrics[0]["loss"])
+    assert len(metrics) == 2 and all(math.isfinite(m["loss"]) for m in metrics)
     timings = [json.loads(line) for line in (run_dir / "timings.jsonl").read_text().splitlines()]
     assert {t["stage"] for t in timings} >= {"generate", "rank", "train"} and all(
         t["peak_rss_gb"] > 0.5 for t in timings if t["stage"] in ("generate", "train"))

@@ -1,14 +1,16 @@
 """Prompt sources, the vLLM call (a contract test against a fake module), presets and the dry run."""
 import json
+import os
 import subprocess
 import sys
 import types
 from pathlib import Path
 
 import pytest
+import torch
 
 import generate
-from common import InputError, load_prompts, load_tokenizer, prompt_token_ids, write_records
+from common import InputError, load_prompts, load_tokenizer, prompt_token_ids, read_records, shard_of, write_records
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Which fruit suits the picnic?"}]
@@ -89,15 +91,76 @@ def test_vllm_contract(monkeypatch, toy_world):
     assert out[0]["truncated"] == [False, True, False, True] and out[1]["prompt"] == CHAT
 
 
+CUDA_CALLS = ("is_available", "device_count", "init", "_lazy_init", "is_initialized", "current_device",
+              "get_device_name", "get_device_capability", "set_device", "mem_get_info")
+
+
+@pytest.mark.parametrize("tp,visible", [(1, "5"), (2, "6,7")])
+def test_vllm_is_imported_before_cuda_is_touched(monkeypatch, tmp_path, toy_world, tp, visible):
+    """Contract test of the start-up order (a GPU shows it; see README for the command on one).
+
+    vLLM forks its workers unless CUDA is initialised, and a CUDA driver started before the fork
+    (torch.cuda.is_available() without NVML) breaks them; CUDA_VISIBLE_DEVICES counts only if set
+    before the driver starts. A fake `vllm` package on sys.path records, when it is imported,
+    every torch.cuda call made so far and the environment vLLM reads; generate.main runs as rank 1
+    of 2 under torchrun's variables."""
+    probe = types.ModuleType("vllm_probe")
+    probe.cuda_calls, probe.imports, calls = [], [], {}
+    for name in CUDA_CALLS:  # record, then do what torch does (nothing on this CPU build)
+        original = getattr(torch.cuda, name)
+        monkeypatch.setattr(torch.cuda, name, lambda *a, _f=original, _n=name, **k: probe.cuda_calls.append(_n) or _f(*a, **k))
+    probe.on_import = lambda: probe.imports.append({
+        "cuda_calls": list(probe.cuda_calls), **{k: os.environ.get(k) for k in (
+            "CUDA_VISIBLE_DEVICES", "VLLM_WORKER_MULTIPROC_METHOD", "PYTORCH_NVML_BASED_CUDA_CHECK")}})
+    fake = fake_vllm(calls)
+    probe.LLM, probe.SamplingParams, probe.TokensPrompt = fake.LLM, fake.SamplingParams, fake.TokensPrompt
+    monkeypatch.setitem(sys.modules, "vllm_probe", probe)
+    (tmp_path / "vllm").mkdir()
+    (tmp_path / "vllm" / "__init__.py").write_text(
+        "import vllm_probe\nvllm_probe.on_import()\nfrom vllm_probe import LLM, SamplingParams, TokensPrompt\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": "4,5,6,7",
+                       "VLLM_WORKER_MULTIPROC_METHOD": None, "PYTORCH_NVML_BASED_CUDA_CHECK": None}.items():
+        monkeypatch.setenv(key, value or "x")  # so that monkeypatch restores what the code sets
+        if value is None:
+            monkeypatch.delenv(key)
+    # rank 1 of 2 without a rendezvous: do this rank's shard, as run_sharded would
+    monkeypatch.setattr(generate, "run_sharded", lambda records, out, work, config: write_records(
+        out, work(shard_of(records, 1, 2))))
+    write_records(tmp_path / "p.jsonl", [{"id": i, "prompt": f"Which fruit suits party {i}?"} for i in range(4)])
+    generate.main(["--model", str(toy_world["model"]), "--prompts", str(tmp_path / "p.jsonl"), "--out",
+                   str(tmp_path / "r.jsonl"), "--K", "2", "--max_new_tokens", "16", "--backend", "vllm",
+                   "--tensor_parallel_size", str(tp)])  # 16: the toy model takes 128 tokens in all
+    assert probe.imports == [{"cuda_calls": [], "CUDA_VISIBLE_DEVICES": visible, "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+                              "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}]
+    assert calls["llm"]["tensor_parallel_size"] == tp
+    assert [r["id"] for r in read_records(tmp_path / "r.jsonl", "responses")] == [2, 3]  # rank 1's slice
+
+
 def test_dry_run_of_a_paper_preset_prints_config_and_commands(tmp_path):
-    res = subprocess.run([sys.executable, "iterate.py", "--preset", "mistral-7b", "--dry-run", "--run_dir", str(tmp_path / "r")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "iterate.py", "--preset", "mistral-7b", "--dry-run", "--run_dir", str(tmp_path / "r"),
+                          "--eval_prompts", "alpaca_eval.json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     config = json.loads(res.stdout[:res.stdout.index("\n}\n") + 2])
     assert config["model"] == "mistralai/Mistral-7B-Instruct-v0.2" and config["eta"] == 1000.0 and config["K"] == 5
     assert config["lr"] == 5e-7 and config["global_batch"] == 64 and config["judge"] == "pairrm"
     assert config["prompts"].startswith("UCLA-AGI/data-mistral-7b-instruct-sppo-iter1")
-    assert res.stdout.count("generate.py") == 3 and res.stdout.count("train.py") == 3
+    # the official scripts' values (issue 12): 2048 new tokens, gradient checkpointing, AlpacaEval
+    # outputs decoded at T 0.7 / top_p 0.9 / 2048, PairRM reading the chat-templated prompt
+    assert config["max_new_tokens"] == 2048 and config["max_length"] == 1024 and config["grad_checkpointing"] is True
+    assert (config["eval_temperature"], config["eval_top_p"], config["eval_max_new_tokens"]) == (0.7, 0.9, 2048)
+    assert config["judge_prompt"] == "template" and config["p_mode"] == "scores"
+    commands = [line for line in res.stdout.splitlines() if line.startswith("+ ")]
+    train_cmds = [c for c in commands if "train.py" in c]
+    rank_cmds = [c for c in commands if "rank.py" in c]
+    samples = [c for c in commands if "generate.py" in c and "--K 5" in c]
+    exports = [c for c in commands if "generate.py" in c and "--K 1" in c]
+    assert len(train_cmds) == len(rank_cmds) == len(samples) == 3 and len(exports) == 4  # pi_0 .. pi_3
+    assert all(c.endswith("--grad_checkpointing") for c in train_cmds)
+    assert all("--judge_prompt template --template_model" in c for c in rank_cmds)
+    assert all("--max_new_tokens 2048" in c for c in samples)
+    assert all("--temperature 0.7 --top_p 0.9 --max_new_tokens 2048" in c for c in exports)
     assert not (tmp_path / "r").exists()  # nothing written, nothing downloaded
 
 
@@ -108,11 +171,15 @@ def test_prompt_slices_and_alpaca_eval_export(tmp_path):
     rows = [{"id": i, "prompt": f"q{i}"} for i in range(7)]
     for n in range(3):
         write_records(tmp_path / f"p{n}.jsonl", rows[n::3])
-    args = argparse.Namespace(prompts=str(tmp_path / "p0.jsonl"), prompt_split="train", prompt_column="prompt", iterations=3)
+    args = argparse.Namespace(prompts=str(tmp_path / "p0.jsonl"), prompt_split="train", prompt_column="prompt", iterations=3,
+                              prompts_per_iteration=None)
     whole = [{"id": i, "prompt": f"q{i}"} for i in (0, 3, 6)]
     assert iterate.prompt_slices(args) == [whole[:1], whole[1:2], whole[2:]]  # one source: split, none dropped
     args.prompts = ",".join(str(tmp_path / f"p{n}.jsonl") for n in range(3))
     assert iterate.prompt_slices(args) == [rows[0::3], rows[1::3], rows[2::3]]  # one source per iteration
+    args.prompts_per_iteration = 2  # the first 2 of each slice
+    assert iterate.prompt_slices(args) == [rows[0::3][:2], rows[1::3][:2], rows[2::3][:2]]
+    args.prompts_per_iteration = None
     args.prompts = ",".join(str(tmp_path / f"p{n}.jsonl") for n in range(2))
     with pytest.raises(InputError, match="2 sources for 3 iterations"):
         iterate.prompt_slices(args)
@@ -120,3 +187,42 @@ def test_prompt_slices_and_alpaca_eval_export(tmp_path):
     iterate.export_alpaca_eval(tmp_path / "r.jsonl", tmp_path / "model_outputs.json", "run-iter1")
     assert json.loads((tmp_path / "model_outputs.json").read_text()) == [
         {"instruction": "Which fruit suits the picnic?", "output": "apple", "generator": "run-iter1"}]
+
+
+def test_alpaca_eval_json_list_as_eval_prompts(tmp_path):
+    """AlpacaEval's own eval set is a JSON list with 'instruction' (plus the reference 'output',
+    'generator' and 'dataset'); it loads as prompts, and the export keeps 'dataset'."""
+    import iterate
+    rows = [{"instruction": "Name a fruit.", "output": "Apple.", "generator": "gpt4", "dataset": "helpful_base"},
+            {"instruction": "Pick a colour for None.", "output": "Red.", "generator": "gpt4", "dataset": "oasst"}]
+    (tmp_path / "alpaca_eval.json").write_text(json.dumps(rows))
+    got = load_prompts(tmp_path / "alpaca_eval.json")
+    assert got == [{"id": "alpaca_eval-0", "prompt": "Name a fruit.", "instruction": "Name a fruit.", "dataset": "helpful_base"},
+                   {"id": "alpaca_eval-1", "prompt": "Pick a colour for None.", "instruction": "Pick a colour for None.",
+                    "dataset": "oasst"}]
+    write_records(tmp_path / "r.jsonl", [dict(r, responses=[f"out{n}"]) for n, r in enumerate(got)])
+    iterate.export_alpaca_eval(tmp_path / "r.jsonl", tmp_path / "model_outputs.json", "me")
+    assert json.loads((tmp_path / "model_outputs.json").read_text()) == [
+        {"instruction": r["instruction"], "output": f"out{n}", "generator": "me", "dataset": r["dataset"]}
+        for n, r in enumerate(rows)]
+    (tmp_path / "bad.json").write_text(json.dumps([rows[0], {"output": "x"}]))
+    with pytest.raises(InputError, match=r"bad.json:item 1: field 'prompt': missing \(and no 'instruction'\)"):
+        load_prompts(tmp_path / "bad.json")
+    (tmp_path / "worse.json").write_text('[{"instruction": "a"},\n{"instruction": }]')
+    with pytest.raises(InputError, match="worse.json:2: malformed JSON"):
+        load_prompts(tmp_path / "worse.json")
+
+
+def test_mixed_prompt_file_loads_with_the_datasets_we_require(tmp_path):
+    """Stage files may mix string and chat-message prompts. datasets up to 4.6.1 cannot load such a
+    JSONL (ArrowInvalid; measured with pyarrow 26: 3.6.0, 4.0.0, 4.4.2, 4.6.1 fail, 4.7.0, 4.8.5,
+    5.0.0, 5.2.0 load it), so requirements.txt must not allow them; and the installed one loads it."""
+    import re
+
+    import datasets
+    floor = re.search(r"^datasets>=([\d.]+)", (ROOT / "requirements.txt").read_text(), re.M).group(1)
+    assert tuple(map(int, floor.split("."))) >= (4, 7), floor
+    write_records(tmp_path / "p.jsonl", [{"id": 1, "prompt": "Which fruit?"}, {"id": 2, "prompt": CHAT}])
+    ds = datasets.load_dataset("json", data_files=str(tmp_path / "p.jsonl"), split="train",
+                               cache_dir=str(tmp_path / "cache"))
+    assert ds[0]["prompt"] == "Which fruit?" and ds[1]["prompt"] == CHAT

@@ -229,7 +229,7 @@ def test_end_to_end_one_iteration_reloads_and_resumes(tmp_path, toy_world):
     info = json.loads((run_dir / "config.json").read_text())
     assert info["config"]["seed"] == 0 and info["config"]["K"] == 3 and "torch" in info["versions"]
     metrics = [json.loads(line) for line in (run_dir / "iter1/model/metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 2 * 4 and abs(metrics[0]["logratio_first"]) < 1e-4  # pi_theta = pi_t at step 1
+    assert len(metrics) == 2 * 4 and abs(metrics[0]["logratio_chosen"]) < 1e-4  # pi_theta = pi_t at step 1
     model = AutoModelForCausalLM.from_pretrained(run_dir / "iter1/model")
     base = AutoModelForCausalLM.from_pretrained(toy_world["model"])
     moved = max((a - b).abs().max().item() for a, b in zip(model.parameters(), base.parameters()))
@@ -246,3 +246,16 @@ def test_end_to_end_one_iteration_reloads_and_resumes(tmp_path, toy_world):
     assert "--K: 3 in the run, 4 now" in res.stderr and "--eta: 10.0 in the run, 1.0 now" in res.stderr, res.stderr
     assert (run_dir / "config.json").read_bytes() == config
     assert (run_dir / "iter1/model/model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_generation_lm_head_layout_gives_the_same_logits(tok_model):
+    from generate import lm_head_as_weight_times_hidden
+    tok, model = tok_model
+    ids = torch.tensor([prompt_token_ids(tok, "Which fruit suits the picnic?")] * 3)
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with lm_head_as_weight_times_hidden(model):
+            assert "forward" in vars(model.lm_head)  # the swapped layout is what runs here
+            swapped = model(input_ids=ids).logits
+    assert "forward" not in vars(model.lm_head)  # restored
+    assert torch.allclose(plain, swapped, atol=1e-5) and plain.abs().max() > 1
