@@ -5,7 +5,8 @@
 Iteration 1 of the toy run (its world, its first prompt slice, generate + rank with the toy
 preset), then train.py with the toy preset for 1, 2, 5 and 10 epochs (9, 18, 45, 90 steps), once
 as one process and once under torchrun with 2; prints the largest parameter difference between
-the two, and how far training moved the parameters, per step count.
+the two (largest and median), how far training moved the parameters, and the exact evaluation
+of both models (largest difference in pi(answer | prompt), win rate over pi_0, exploitability).
 """
 import argparse
 import json
@@ -13,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,9 +58,19 @@ def main():
                      "--max_prompt_length", p["max_prompt_length"], "--max_length", p["max_length"]], nproc)
             params[nproc] = load_file(str(model / "model.safetensors"))
         steps = json.loads((out / f"model-e{epochs}-n1" / "train_info.json").read_text())["steps"]
-        gap = max((params[1][k] - params[2][k]).abs().max().item() for k in base)
+        diff = torch.cat([(params[1][k] - params[2][k]).abs().flatten() for k in base])
         moved = max((params[1][k] - base[k]).abs().max().item() for k in base)
-        rows.append({"epochs": epochs, "steps": steps, "max_abs_diff_1_vs_2": gap, "max_abs_update": moved})
+        # the exact evaluation of both models on the held-out prompts: per-answer probabilities, win rate
+        models = [out / f"model-e{epochs}-n{n}" for n in (1, 2)]
+        evals = [toy.evaluate([world["model"], m], world)[1] for m in models]
+        records = read_records(world["eval_prompts"])
+        world_json = json.loads(Path(world["world"]).read_text())
+        pi = [toy.policy_distributions(m, records, world_json) for m in models]
+        rows.append({"epochs": epochs, "steps": steps, "max_abs_diff_1_vs_2": diff.max().item(),
+                     "median_abs_diff": diff.median().item(), "max_abs_update": moved,
+                     "max_abs_diff_pi": float(abs(pi[0] - pi[1]).max()),
+                     "win_vs_pi0_1_and_2": [e["win_vs_pi0"] for e in evals],
+                     "exploit_1_and_2": [e["exploit"] for e in evals]})
         print(json.dumps(rows[-1]), flush=True)
     (out / "parity.json").write_text(json.dumps(rows, indent=1))
 
