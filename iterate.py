@@ -118,11 +118,25 @@ def run(cmd, dry_run, timings=None, **where):
     if not dry_run:
         t0 = time.time()
         proc = subprocess.Popen([str(c) for c in cmd], cwd=HERE)
-        _, status, usage = os.wait4(proc.pid, 0)  # the stage's own resource usage, peak RSS included
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise subprocess.CalledProcessError(os.waitstatus_to_exitcode(status), cmd)
+        peak = 0
+        while proc.poll() is None:  # (a child's ru_maxrss would include this process's RSS at fork)
+            peak = max(peak, peak_rss_kib(proc.pid))
+            time.sleep(0.5)
+        if proc.returncode != 0:
+            raise subprocess.CalledProcessError(proc.returncode, cmd)
         if timings is not None:
-            log_time(timings, t0, peak_rss_gb=round(usage.ru_maxrss / 2**20, 2), **where)
+            log_time(timings, t0, peak_rss_gb=round(peak / 2**20, 2), **where)
+
+
+def peak_rss_kib(pid) -> int:
+    """Peak resident memory so far of process `pid` and its descendants (torchrun's ranks), summed (Linux)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:  # exited meanwhile, or not Linux
+        return 0
+    own = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
+    return own + sum(peak_rss_kib(int(child)) for child in children)
 
 
 def log_time(timings, t0, peak_rss_gb=None, **where):
