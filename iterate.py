@@ -69,7 +69,8 @@ for _name, _model, _micro in [("mistral-7b", "mistralai/Mistral-7B-Instruct-v0.2
 FLAG_TYPES = dict(K=positive_int, temperature=nonneg_float, top_p=probability, top_k=nonneg_int,
                   max_new_tokens=positive_int, eta=finite_float, lr=nonneg_float, epochs=positive_int,
                   global_batch=positive_int, micro_batch=positive_int, max_prompt_length=positive_int,
-                  max_length=positive_int, prompts_per_iteration=nonneg_int)
+                  max_length=positive_int, prompts_per_iteration=nonneg_int, eval_temperature=nonneg_float,
+                  eval_top_p=probability, eval_max_new_tokens=positive_int)
 # settings a run directory can be resumed with when they change: how the work runs, not what it computes
 RESUME_FREE = ("dry_run", "nproc_per_node", "run_dir", "save_every")
 
@@ -127,14 +128,27 @@ def run(cmd, dry_run, timings=None, **where):
         t0 = time.time()
         # the stage (and each torchrun rank) exits when this process is gone (common.watch_launcher)
         proc = subprocess.Popen([str(c) for c in cmd], cwd=HERE, env=dict(os.environ, SPPO_LAUNCHER_PID=str(os.getpid())))
-        _, status, usage = os.wait4(proc.pid, 0)  # the stage's own resource usage, peak RSS included
-        code = os.waitstatus_to_exitcode(status)
-        if code:  # the stage said why; no traceback of ours on top
+        peak = 0
+        while proc.poll() is None:  # (a child's ru_maxrss would include this process's RSS at fork)
+            peak = max(peak, peak_rss_kib(proc.pid))
+            time.sleep(0.5)
+        if proc.returncode:  # the stage said why; no traceback of ours on top
             script = next(Path(str(c)).name for c in cmd if str(c).endswith(".py"))
-            print(f"error: iteration {where['iteration']}: {script} exited with code {code}", file=sys.stderr)
-            sys.exit(code)
+            print(f"error: iteration {where['iteration']}: {script} exited with code {proc.returncode}", file=sys.stderr)
+            sys.exit(proc.returncode)
         if timings is not None:
-            log_time(timings, t0, peak_rss_gb=round(usage.ru_maxrss / 2**20, 2), **where)
+            log_time(timings, t0, peak_rss_gb=round(peak / 2**20, 2), **where)
+
+
+def peak_rss_kib(pid) -> int:
+    """Peak resident memory so far of process `pid` and its descendants (torchrun's ranks), summed (Linux)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:  # exited meanwhile, or not Linux
+        return 0
+    own = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
+    return own + sum(peak_rss_kib(int(child)) for child in children)
 
 
 def log_time(timings, t0, peak_rss_gb=None, **where):
@@ -166,8 +180,9 @@ def prompt_slices(args):
     loaded = [load_prompts(s, args.prompt_split, args.prompt_column) for s in sources]
     if len(loaded) == 1:
         loaded = split_prompts(loaded[0], args.iterations)
-    # --prompts_per_iteration: the first N of each slice (0: all)
-    slices = [part[:args.prompts_per_iteration or None] for part in loaded]
+    if len(loaded) != args.iterations:
+        raise InputError(f"--prompts: {len(loaded)} sources for {args.iterations} iterations (give 1 or {args.iterations})")
+    slices = [part[:args.prompts_per_iteration or None] for part in loaded]  # --prompts_per_iteration (0: all)
     for t, records in enumerate(slices, 1):
         if not records:
             raise InputError(f"--prompts: iteration {t} of {args.iterations} gets no prompts "
