@@ -23,7 +23,9 @@ import itertools
 import json
 import math
 import re
+import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -131,7 +133,16 @@ def run_cell(cell, cell_dir):
     with open(cell_dir / "sweep.log", "a") as log:
         log.write(f"\n$ {shlex.join(cmd)}\n")
         log.flush()
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=HERE).returncode
+        # Its own process group, so that stopping the sweep stops the cell's stages too: an orphaned
+        # train.py would race the resumed sweep's run of the same cell.
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=HERE, start_new_session=True)
+        print(f"  process group {proc.pid}, output in {cell_dir / 'sweep.log'}", flush=True)
+        try:
+            code = proc.wait()
+        except BaseException:  # Ctrl-C, or SIGTERM (see main)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
     seconds = time.time() - t0
     if code != 0:
         tail = (cell_dir / "sweep.log").read_text().splitlines()[-5:]
@@ -223,6 +234,7 @@ def plot(out, metric, table):
         (line,) = ax.plot(t, mean, "o-", label=label)
         ax.fill_between(t, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                         color=line.get_color(), alpha=0.2, lw=0)
+    ax.set_xticks(sorted({entry["iteration"] for entry in table}))
     ax.set_xlabel("iteration")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric}: mean over seeds, band = ± 1 std")
@@ -252,6 +264,8 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    # `kill PID` stops the sweep as Ctrl-C does: the running cell's process group goes with it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     out = args.out.resolve()
     try:
         if args.aggregate_only and not args.grid and args.seeds is None:

@@ -5,7 +5,9 @@ import math
 import os
 import re
 import subprocess
+import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Stands in for iterate.py: parses the flags a cell gets, logs its call, writes eval.json rows
 # 0..iterations with numbers that depend on the flags and the seed. FAKE_FAIL=<cell name> makes
-# that cell exit 1; FAKE_KILL=<cell name> writes part of eval.json and SIGKILLs the sweep (its parent).
+# that cell exit 1; FAKE_KILL=<cell name> writes part of eval.json and SIGKILLs the sweep (its parent);
+# FAKE_HANG=<cell name> starts a long child process and waits.
 FAKE_ITERATE = r'''
 import argparse, json, os, signal, sys
 from pathlib import Path
@@ -41,6 +44,11 @@ if os.environ.get("FAKE_KILL") == args.run_dir.name:
     sys.exit(1)
 if os.environ.get("FAKE_FAIL") == args.run_dir.name:
     sys.exit(1)
+if os.environ.get("FAKE_HANG") == args.run_dir.name:  # a stage that runs long, in a process of its own
+    import subprocess, time
+    stage = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    (args.run_dir / "pids").write_text(f"{os.getpid()} {stage.pid}")
+    time.sleep(120)
 (args.run_dir / "eval.json").write_text(json.dumps(rows))
 '''
 
@@ -55,6 +63,7 @@ def fake(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_LOG", str(log))
     monkeypatch.delenv("FAKE_FAIL", raising=False)
     monkeypatch.delenv("FAKE_KILL", raising=False)
+    monkeypatch.delenv("FAKE_HANG", raising=False)
     return lambda: [json.loads(line)["cell"] for line in log.read_text().splitlines()] if log.exists() else []
 
 
@@ -172,6 +181,36 @@ def test_killed_sweep_resumes_and_ends_as_an_uninterrupted_one(tmp_path, fake):
     sweep.main(["--out", str(whole)] + GRID + PASS)
     for name in ("results.csv", "results.md"):
         assert (killed / name).read_text() == (whole / name).read_text()
+
+
+def alive(pid):
+    """A process that exists and is not a zombie (nobody may reap orphans in a container)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_sigterm_stops_the_running_cell_and_its_stages(tmp_path, fake):
+    out, victim = tmp_path / "sw", "loss_type=sppo__eta=3__seed=0"
+    code = ("import sys, sweep; sweep.ITERATE = [sys.executable, sys.argv[1]]; sweep.main(sys.argv[2:])")
+    proc = subprocess.Popen([sys.executable, "-c", code, sweep.ITERATE[1], "--out", str(out)] + GRID + PASS,
+                            cwd=ROOT, env=dict(os.environ, FAKE_HANG=victim), stdout=subprocess.DEVNULL)
+    pids_file = out / victim / "pids"
+    deadline = time.time() + 60
+    while not pids_file.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    pids = [int(p) for p in pids_file.read_text().split()]
+    assert all(alive(p) for p in pids)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    deadline = time.time() + 10
+    while any(alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in pids)  # the fake iterate.py and its stage are gone
+    assert not (out / victim / sweep.DONE).exists()
+    sweep.main(["--out", str(out)] + GRID + PASS)
+    assert fake()[-8:] == [c["name"] for c in sweep.cells(sweep.parse_grid(["loss_type=sppo,dpo", "eta=3,10"]), [0, 1], [])]
 
 
 def test_aggregation_against_hand_computed_mean_and_std(tmp_path, capsys):
