@@ -8,7 +8,9 @@ OUT/loss_type=sppo__eta=3__seed=0, run as `python iterate.py ARGS_AFTER_-- --los
 --seed 0 --run_dir CELL` with its output in CELL/sweep.log. When the run exits 0, the sweep writes
 CELL/sweep_done.json (atomically, with the cell's arguments); a cell that has it is skipped, so a
 killed sweep resumes when the same command is run again (and iterate.py resumes inside the cell
-that was running). A value containing commas is written as a JSON list: --grid 'prompts=["a,b","c"]'.
+that was running). Ctrl-C or `kill PID` stops the running cell's processes too (each cell
+runs in a process group of its own); two sweeps cannot run in one OUT at the same time. A value
+containing commas is written as a JSON list: --grid 'prompts=["a,b","c"]'.
 
 OUT/sweep.json records the grid, the seeds, the arguments after -- and the command line.
 OUT/results.md and OUT/results.csv hold one table: per combination and iteration, the number of
@@ -17,7 +19,9 @@ numeric field of the cells' eval.json rows. OUT/results.png plots --metric again
 one line per combination (the mean) with a band of +- one standard deviation.
 """
 import argparse
+import contextlib
 import csv
+import fcntl
 import hashlib
 import itertools
 import json
@@ -154,6 +158,19 @@ def run_cell(cell, cell_dir):
     return True
 
 
+@contextlib.contextmanager
+def sweep_lock(out):
+    """Refuse to run next to another sweep in the same directory: both would run the same cell.
+    The kernel drops the lock when the file closes, however this process ends."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "sweep.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"{out}: another sweep is running in this directory") from None
+        yield
+
+
 def read_eval(path):
     """A cell's eval.json rows: a list of objects, each with an integer 'iteration'."""
     try:
@@ -276,17 +293,17 @@ def main(argv=None):
         else:
             grid, seeds = parse_grid(args.grid), parse_seeds(args.seeds or "0")
             check_iterate_args(args.iterate_args, grid)
-        todo = cells(grid, seeds, args.iterate_args)
+        todo, failed = cells(grid, seeds, args.iterate_args), []
         if not args.aggregate_only:
-            # the grid as [flag, values] pairs: write_json sorts the keys of an object, and the order names the cells
-            write_json(out / "sweep.json", {"grid": list(grid.items()), "seeds": seeds, "iterate_args": args.iterate_args,
-                                            "iterate": ITERATE, "command": args.command,
-                                            "cells": [c["name"] for c in todo]})
-        failed = []
-        for i, cell in enumerate([] if args.aggregate_only else todo):
-            print(f"[{i + 1}/{len(todo)}] {cell['name']}", flush=True)
-            if not run_cell(cell, out / cell["name"]):
-                failed.append(cell["name"])
+            with sweep_lock(out):
+                # the grid as [flag, values] pairs: write_json sorts an object's keys, and the order names the cells
+                write_json(out / "sweep.json", {"grid": list(grid.items()), "seeds": seeds,
+                                                "iterate_args": args.iterate_args, "iterate": ITERATE,
+                                                "command": args.command, "cells": [c["name"] for c in todo]})
+                for i, cell in enumerate(todo):
+                    print(f"[{i + 1}/{len(todo)}] {cell['name']}", flush=True)
+                    if not run_cell(cell, out / cell["name"]):
+                        failed.append(cell["name"])
         metrics, table = aggregate(out, grid, seeds)
         if args.metric and args.metric not in metrics:
             raise InputError(f"--metric {args.metric!r}: not a numeric field of the cells' eval.json "

@@ -1,5 +1,6 @@
 """sweep.py without a model: grid expansion, bad specs, skipping, resume after a kill, aggregation."""
 import csv
+import fcntl
 import json
 import math
 import os
@@ -183,6 +184,18 @@ def test_killed_sweep_resumes_and_ends_as_an_uninterrupted_one(tmp_path, fake):
         assert (killed / name).read_text() == (whole / name).read_text()
 
 
+def test_a_second_sweep_in_the_same_directory_is_refused(tmp_path, fake, capsys):
+    out = tmp_path / "sw"
+    out.mkdir()
+    with open(out / "sweep.lock", "w") as held:  # a running sweep holds this lock
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(SystemExit) as exit_info:
+            sweep.main(["--out", str(out)] + GRID + PASS)
+    assert exit_info.value.code == 2 and "another sweep is running" in capsys.readouterr().err and fake() == []
+    sweep.main(["--out", str(out)] + GRID + PASS)  # the lock is free again
+    assert len(fake()) == 8
+
+
 def alive(pid):
     """A process that exists and is not a zombie (nobody may reap orphans in a container)."""
     try:
@@ -201,13 +214,17 @@ def test_sigterm_stops_the_running_cell_and_its_stages(tmp_path, fake):
     while not pids_file.exists() and time.time() < deadline:
         time.sleep(0.1)
     pids = [int(p) for p in pids_file.read_text().split()]
-    assert all(alive(p) for p in pids)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
-    deadline = time.time() + 10
-    while any(alive(p) for p in pids) and time.time() < deadline:
-        time.sleep(0.1)
-    assert not any(alive(p) for p in pids)  # the fake iterate.py and its stage are gone
+    try:
+        assert all(alive(p) for p in pids)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        deadline = time.time() + 10
+        while any(alive(p) for p in pids) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(p) for p in pids)  # the fake iterate.py and its stage are gone
+    finally:  # leave nothing running when the test fails
+        for pid in filter(alive, pids):
+            os.kill(pid, signal.SIGKILL)
     assert not (out / victim / sweep.DONE).exists()
     sweep.main(["--out", str(out)] + GRID + PASS)
     assert fake()[-8:] == [c["name"] for c in sweep.cells(sweep.parse_grid(["loss_type=sppo,dpo", "eta=3,10"]), [0, 1], [])]
