@@ -26,8 +26,8 @@ import hashlib
 import itertools
 import json
 import math
-import re
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -122,14 +122,21 @@ def cells(grid, seeds, iterate_args):
     return out
 
 
+def check_finished(todo, out):
+    """A finished cell must have run with the arguments it would get now (checked before anything runs)."""
+    for cell in todo:
+        done = out / cell["name"] / DONE
+        if done.exists() and json.loads(done.read_text())["args"] != cell["args"]:
+            raise InputError(f"{done}: field 'args': this cell finished with "
+                             f"{shlex.join(json.loads(done.read_text())['args'])}, not {shlex.join(cell['args'])}; "
+                             f"use another --out or delete {out / cell['name']}")
+
+
 def run_cell(cell, cell_dir):
     """Run one cell unless it is done; True when it is done afterwards."""
     done = cell_dir / DONE
     if done.exists():
-        finished = json.loads(done.read_text())
-        if finished["args"] != cell["args"]:
-            raise InputError(f"{done}: field 'args': this cell finished with {shlex.join(finished['args'])}, not "
-                             f"{shlex.join(cell['args'])}; use another --out or delete {cell_dir}")
+        print("  done before: skipped", flush=True)
         return True
     cell_dir.mkdir(parents=True, exist_ok=True)
     cmd = ITERATE + cell["args"] + ["--run_dir", str(cell_dir)]
@@ -295,6 +302,7 @@ def main(argv=None):
             check_iterate_args(args.iterate_args, grid)
         todo, failed = cells(grid, seeds, args.iterate_args), []
         if not args.aggregate_only:
+            check_finished(todo, out)
             with sweep_lock(out):
                 # the grid as [flag, values] pairs: write_json sorts an object's keys, and the order names the cells
                 write_json(out / "sweep.json", {"grid": list(grid.items()), "seeds": seeds,

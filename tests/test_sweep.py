@@ -159,10 +159,12 @@ def test_finished_cells_are_skipped_and_failed_ones_retried(tmp_path, fake, monk
 def test_a_finished_cell_with_other_flags_is_refused(tmp_path, fake, capsys):
     out = tmp_path / "sw"
     sweep.main(["--out", str(out)] + GRID + PASS)
+    (out / "loss_type=sppo__eta=3__seed=0" / sweep.DONE).unlink()  # the first cell would run again
     with pytest.raises(SystemExit) as exit_info:
         sweep.main(["--out", str(out)] + GRID + ["--", "--preset", "toy", "--iterations", "3"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and sweep.DONE in err and "field 'args'" in err
+    assert len(fake()) == 8  # refused before any cell ran
 
 
 def test_killed_sweep_resumes_and_ends_as_an_uninterrupted_one(tmp_path, fake):
