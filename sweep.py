@@ -1,0 +1,334 @@
+"""A grid of iterate.py runs over flags and seeds, and one table and one plot of their eval.json.
+
+    python sweep.py --out runs/sweep-x --grid loss_type=sppo,dpo,ipo --grid eta=3,10 --seeds 0,1,2 -- --preset toy
+    python sweep.py --out runs/sweep-x --aggregate-only --metric exploit      # table and plot again, nothing run
+
+Each cell (one combination of --grid values x one seed) is an ordinary iterate.py run directory,
+OUT/loss_type=sppo__eta=3__seed=0, run as `python iterate.py ARGS_AFTER_-- --loss_type sppo --eta 3
+--seed 0 --run_dir CELL` with its output in CELL/sweep.log. When the run exits 0, the sweep writes
+CELL/sweep_done.json (atomically, with the cell's arguments); a cell that has it is skipped, so a
+killed sweep resumes when the same command is run again (and iterate.py resumes inside the cell
+that was running). Ctrl-C or `kill PID` stops the running cell's processes too (each cell
+runs in a process group of its own); two sweeps cannot run in one OUT at the same time. A value
+containing commas is written as a JSON list: --grid 'prompts=["a,b","c"]'.
+
+OUT/sweep.json records the grid, the seeds, the arguments after -- and the command line.
+OUT/results.md and OUT/results.csv hold one table: per combination and iteration, the number of
+seeds n and the mean and sample standard deviation (ddof=1; empty for n=1) over seeds of every
+numeric field of the cells' eval.json rows. OUT/results.png plots --metric against iteration,
+one line per combination (the mean) with a band of +- one standard deviation.
+"""
+import argparse
+import contextlib
+import csv
+import fcntl
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import InputError, atomic_write, fail_with, write_json
+
+HERE = Path(__file__).resolve().parent
+# How a cell is run; the tests put a fake iterate.py here.
+ITERATE = [sys.executable, str(HERE / "iterate.py")]
+DONE = "sweep_done.json"
+# Flags the sweep sets itself for every cell, or that would mark a cell done without running it.
+RESERVED = ("seed", "run_dir", "dry-run", "dry_run")
+
+
+def parse_grid(specs):
+    """['loss_type=sppo,dpo', 'eta=3,10'] -> {'loss_type': ['sppo', 'dpo'], 'eta': ['3', '10']}, in the given order."""
+    grid = {}
+    for spec in specs:
+        key, eq, values = spec.partition("=")
+        if not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", key):
+            raise InputError(f"--grid {spec!r}: expected flag=value1,value2,... (a flag name without dashes)")
+        if key in RESERVED:
+            raise InputError(f"--grid {spec!r}: the sweep sets --{key} itself" + (" (use --seeds)" if key == "seed" else ""))
+        if key in grid:
+            raise InputError(f"--grid {spec!r}: flag {key!r} given twice")
+        if values.startswith("["):  # a JSON list, for values that contain commas
+            try:
+                values = json.loads(values)
+            except json.JSONDecodeError as e:
+                raise InputError(f"--grid {spec!r}: not a JSON list: {e}") from None
+            if not isinstance(values, list) or not all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
+                                                       for v in values):
+                raise InputError(f"--grid {spec!r}: a JSON list must hold strings or numbers")
+            values = [str(v) for v in values]
+        else:
+            values = values.split(",")
+        if not values or any(v.strip() == "" for v in values):
+            raise InputError(f"--grid {spec!r}: empty value")
+        if len(set(values)) < len(values):
+            raise InputError(f"--grid {spec!r}: a value is repeated")
+        grid[key] = values
+    return grid
+
+
+def parse_seeds(text):
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise InputError(f"--seeds {text!r}: expected integers separated by commas, e.g. 0,1,2") from None
+    if len(set(seeds)) < len(seeds):
+        raise InputError(f"--seeds {text!r}: a seed is repeated")
+    return seeds
+
+
+def check_iterate_args(iterate_args, grid):
+    """The arguments after -- go to every cell: they must not set what the grid or the sweep sets."""
+    for arg in iterate_args:
+        flag = arg[2:].split("=")[0] if arg.startswith("--") else None
+        if flag in RESERVED or flag in grid:
+            raise InputError(f"argument {arg!r} after --: the sweep sets --{flag} for each cell"
+                             + (" (it is a --grid flag)" if flag in grid else ""))
+
+
+def name_part(value):
+    """A filesystem-safe, stable stand-in for a value; a hash keeps two values that map alike apart."""
+    safe = re.sub(r"[^A-Za-z0-9.+-]", "-", value)
+    if safe != value or len(safe) > 40:
+        safe = safe[:32] + "-" + hashlib.sha1(value.encode()).hexdigest()[:6]
+    return safe
+
+
+def combinations(grid):
+    """The cartesian product of the grid in the order given (the last flag varies fastest)."""
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+
+
+def cell_name(settings, seed):
+    return "__".join([f"{k}={name_part(v)}" for k, v in settings.items()] + [f"seed={seed}"])
+
+
+def cells(grid, seeds, iterate_args):
+    """Every (combination, seed) with its directory name and the iterate.py arguments (without --run_dir).
+    Seed-major: all combinations at the first seed run first, so a partial sweep already compares them."""
+    out = []
+    for seed in seeds:
+        for settings in combinations(grid):
+            args = list(iterate_args) + [a for k, v in settings.items() for a in (f"--{k}", v)] + ["--seed", str(seed)]
+            out.append({"name": cell_name(settings, seed), "settings": settings, "seed": seed, "args": args})
+    return out
+
+
+def check_finished(todo, out):
+    """A finished cell must have run with the arguments it would get now (checked before anything runs)."""
+    for cell in todo:
+        done = out / cell["name"] / DONE
+        if done.exists() and json.loads(done.read_text())["args"] != cell["args"]:
+            raise InputError(f"{done}: field 'args': this cell finished with "
+                             f"{shlex.join(json.loads(done.read_text())['args'])}, not {shlex.join(cell['args'])}; "
+                             f"use another --out or delete {out / cell['name']}")
+
+
+def run_cell(cell, cell_dir):
+    """Run one cell unless it is done; True when it is done afterwards."""
+    done = cell_dir / DONE
+    if done.exists():
+        print("  done before: skipped", flush=True)
+        return True
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    cmd = ITERATE + cell["args"] + ["--run_dir", str(cell_dir)]
+    t0 = time.time()
+    with open(cell_dir / "sweep.log", "a") as log:
+        log.write(f"\n$ {shlex.join(cmd)}\n")
+        log.flush()
+        # Its own process group, so that stopping the sweep stops the cell's stages too: an orphaned
+        # train.py would race the resumed sweep's run of the same cell.
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=HERE, start_new_session=True)
+        print(f"  process group {proc.pid}, output in {cell_dir / 'sweep.log'}", flush=True)
+        try:
+            code = proc.wait()
+        except BaseException:  # Ctrl-C, or SIGTERM (see main)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+    seconds = time.time() - t0
+    if code != 0:
+        tail = (cell_dir / "sweep.log").read_text().splitlines()[-5:]
+        print(f"  FAILED (exit {code}) after {seconds:.0f} s; last lines of {cell_dir / 'sweep.log'}:\n    "
+              + "\n    ".join(tail), flush=True)
+        return False
+    write_json(done, {"args": cell["args"], "seconds": round(seconds, 1), "time": time.strftime("%Y-%m-%d %H:%M:%S %z")})
+    print(f"  done in {seconds:.0f} s", flush=True)
+    return True
+
+
+@contextlib.contextmanager
+def sweep_lock(out):
+    """Refuse to run next to another sweep in the same directory: both would run the same cell.
+    The kernel drops the lock when the file closes, however this process ends."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "sweep.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"{out}: another sweep is running in this directory") from None
+        yield
+
+
+def read_eval(path):
+    """A cell's eval.json rows: a list of objects, each with an integer 'iteration'."""
+    try:
+        rows = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+    if not isinstance(rows, list):
+        raise InputError(f"{path}: expected a list of rows, got {type(rows).__name__}")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("iteration"), int):
+            raise InputError(f"{path}: row {i}: field 'iteration': missing or not an integer")
+    return rows
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (ddof=1) of the finite values; None where undefined."""
+    values = [v for v in values if math.isfinite(v)]
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+    return mean, std
+
+
+def aggregate(out, grid, seeds):
+    """(metrics, table): per combination and iteration, n seeds and {metric: (mean, std)}."""
+    metrics, table = [], []
+    for settings in combinations(grid):
+        by_iteration = {}  # iteration -> the rows of the seeds that reached it
+        for seed in seeds:
+            path = out / cell_name(settings, seed) / "eval.json"
+            for row in read_eval(path) if path.exists() else []:
+                by_iteration.setdefault(row["iteration"], []).append(row)
+                metrics += [k for k, v in row.items() if k != "iteration" and is_number(v) and k not in metrics]
+        for t in sorted(by_iteration):
+            rows = by_iteration[t]
+            stats = {m: mean_std([r[m] for r in rows if is_number(r.get(m))]) for m in metrics}
+            table.append({"settings": settings, "iteration": t, "n": len(rows), "stats": stats})
+    return metrics, table
+
+
+def write_table(out, grid, metrics, table):
+    """results.csv (full precision, metric_mean and metric_std columns) and results.md (mean +- std)."""
+    def number(x, fmt=None):  # full precision (repr) without fmt
+        return "" if x is None else repr(x) if fmt is None else format(x, fmt)
+
+    head = list(grid) + ["iteration", "n"]
+    csv_rows = [head + [f"{m}_{s}" for m in metrics for s in ("mean", "std")]]
+    md = ["| " + " | ".join(head + metrics) + " |", "|" + "---|" * (len(head) + len(metrics))]
+    for entry in table:
+        keys = list(entry["settings"].values()) + [entry["iteration"], entry["n"]]
+        stats = [entry["stats"].get(m, (None, None)) for m in metrics]
+        csv_rows.append(keys + [number(x) for mean, std in stats for x in (mean, std)])
+        cells = [number(mean, ".3f") + ("" if std is None else f" ± {std:.3f}") for mean, std in stats]
+        md.append("| " + " | ".join([str(k) for k in keys] + cells) + " |")
+    md.append("\nmean ± sample standard deviation (ddof=1) over the n seeds that reached the iteration.")
+    atomic_write(out / "results.csv", lambda f: csv.writer(f, lineterminator="\n").writerows(csv_rows))
+    atomic_write(out / "results.md", lambda f: f.write("\n".join(md) + "\n"))
+
+
+def plot(out, metric, table):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lines = {}  # combination label -> [(iteration, mean, std)]
+    for entry in table:
+        mean, std = entry["stats"].get(metric, (None, None))
+        if mean is not None:
+            label = " ".join(f"{k}={v}" for k, v in entry["settings"].items()) or "all"
+            lines.setdefault(label, []).append((entry["iteration"], mean, std or 0.0))
+    for label, points in lines.items():
+        t, mean, std = zip(*points)
+        (line,) = ax.plot(t, mean, "o-", label=label)
+        ax.fill_between(t, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                        color=line.get_color(), alpha=0.2, lw=0)
+    ax.set_xticks(sorted({entry["iteration"] for entry in table}))
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric}: mean over seeds, band = ± 1 std")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(out / "results.png", lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
+    plt.close(fig)
+
+
+def parse_args(argv):
+    """Everything after the first -- goes to iterate.py unchanged."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, type=Path, help="the sweep directory; one subdirectory per cell")
+    ap.add_argument("--grid", action="append", default=[], metavar="FLAG=V1,V2",
+                    help="an iterate.py flag and its values; repeat for a cartesian product")
+    ap.add_argument("--seeds", help="comma-separated seeds, each a cell of every combination (default 0)")
+    ap.add_argument("--metric", help="the eval.json field plotted (default: the first numeric one)")
+    ap.add_argument("--aggregate-only", dest="aggregate_only", action="store_true",
+                    help="rebuild table and plot from the cells; without --grid and --seeds: those of OUT/sweep.json")
+    args = ap.parse_args(argv[:split])
+    args.iterate_args = argv[split + 1:]
+    args.command = shlex.join([Path(sys.executable).name, "sweep.py"] + argv)  # what sweep.json records
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # `kill PID` stops the sweep as Ctrl-C does: the running cell's process group goes with it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    out = args.out.resolve()
+    try:
+        if args.aggregate_only and not args.grid and args.seeds is None:
+            if not (out / "sweep.json").exists():
+                raise InputError(f"{out / 'sweep.json'}: missing; give --grid and --seeds, or run the sweep first")
+            recorded = json.loads((out / "sweep.json").read_text())
+            grid, seeds = dict(recorded["grid"]), recorded["seeds"]
+        else:
+            grid, seeds = parse_grid(args.grid), parse_seeds(args.seeds or "0")
+            check_iterate_args(args.iterate_args, grid)
+        todo, failed = cells(grid, seeds, args.iterate_args), []
+        if not args.aggregate_only:
+            check_finished(todo, out)
+            with sweep_lock(out):
+                # the grid as [flag, values] pairs: write_json sorts an object's keys, and the order names the cells
+                write_json(out / "sweep.json", {"grid": list(grid.items()), "seeds": seeds,
+                                                "iterate_args": args.iterate_args, "iterate": ITERATE,
+                                                "command": args.command, "cells": [c["name"] for c in todo]})
+                for i, cell in enumerate(todo):
+                    print(f"[{i + 1}/{len(todo)}] {cell['name']}", flush=True)
+                    if not run_cell(cell, out / cell["name"]):
+                        failed.append(cell["name"])
+        metrics, table = aggregate(out, grid, seeds)
+        if args.metric and args.metric not in metrics:
+            raise InputError(f"--metric {args.metric!r}: not a numeric field of the cells' eval.json "
+                             f"(found: {', '.join(metrics) or 'none'})")
+    except InputError as e:
+        fail_with(e)
+    if not table:
+        print(f"no cell in {out} has an eval.json yet: no table", flush=True)
+    else:
+        write_table(out, grid, metrics, table)
+        plot(out, args.metric or metrics[0], table)
+        print(f"table: {out / 'results.md'}, {out / 'results.csv'}; plot of {args.metric or metrics[0]}: "
+              f"{out / 'results.png'}", flush=True)
+    if failed:
+        print(f"{len(failed)} of {len(todo)} cells failed: {', '.join(failed)}; run the same command to retry them")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
