@@ -23,8 +23,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # sides of every comparison run under the same policy; OMP_WAIT_POLICY=ACTIVE overrides it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The one place bench scripts get their imports from: run as `python bench/x.py`, a script finds
+# this file beside it (its own directory is sys.path[0]); the project root gives the stages, and
+# tests/ the tiny judges of tests/tiny_models.py.
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 RESULTS = ROOT / "bench" / "results.jsonl"
 CACHE = ROOT / "runs" / "bench"  # runs/ is git-ignored
 

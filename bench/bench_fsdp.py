@@ -24,8 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _util  # noqa: E402  (sets HF_HUB_OFFLINE, sys.path)
+import _util  # sets HF_HUB_OFFLINE, sys.path: before torch and the stages
 
 BENCH = "fsdp"
 

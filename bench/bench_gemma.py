@@ -21,11 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _util  # noqa: E402  (sets HF_HUB_OFFLINE, sys.path)
+import _util  # sets HF_HUB_OFFLINE, sys.path: before torch and the stages
 
 BENCH = "gemma"
-ROOT = Path(__file__).resolve().parents[1]
 CONTINUATIONS = [" was wonderful, and the staff were kind to us.", " was a complete waste of money and time.",
                  " opened at nine and closed at five.", " felt cramped, noisy and a bit dirty.",
                  " is the best thing that happened to us this year!", " was fine, I guess, nothing special.",
@@ -44,7 +42,7 @@ def ranked_data(path, n_prompts, seed=0):
 
 def run(cmd, env=None):
     t0 = time.time()
-    proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=_util.ROOT, env=env, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(map(str, cmd))}")

@@ -16,12 +16,9 @@ finished early still occupy their slot until the whole batch stops ("slots" belo
 between the two is the padding waste of static batching. Variants are interleaved per round.
 """
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _util  # noqa: E402
+import _util  # sets HF_HUB_OFFLINE, sys.path: before torch and the stages
 
 import torch  # noqa: E402
 
@@ -177,7 +174,6 @@ def main():
             _util.record(BENCH, key, model=name, prompts=len(prompts), K=args.K, max_new_tokens=args.max_new_tokens,
                          generate_calls=calls, new_tokens=useful, slots=slots, seconds=t, times=ts,
                          new_tokens_per_s=speed, speedup_vs_one_at_a_time=ratio)
-        del model
     if exp_rows:
         print(f"prompts {args.prompts}, K={args.K}, max_new_tokens={args.max_new_tokens}; {args.reps} interleaved rounds")
         print(_util.table(["model", "batch_size", "sampler", "new tokens", "seconds", "new tokens/s", "speedup vs now"],

@@ -6,25 +6,22 @@ batch_size=1)` as the official SPPO code calls it; same tiny local ranker, same 
     python bench/bench_rank.py --profile             # where rank.py's judge spends its time
 
 The ranker is tests/tiny_models.build_tiny_pairrm: a random 2-layer DeBERTa-v2 (hidden 32) in
-llm-blender's layout, loaded once by rank.PairRMJudge through llm-blender's own loader; both
+llm-blender's layout, loaded once by judges.PairRMJudge through llm-blender's own loader; both
 sides call the same loaded ranker. A comparison = one ordered pair (y_i, y_j) forward: K(K-1)
 per prompt. Texts are short (the tiny ranker's limits are 24 source / 16 candidate tokens).
 Repetitions are interleaved A B C A B C ...; the table gives medians and ratios.
 """
 import argparse
 import random
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _util  # noqa: E402
+import _util  # sets HF_HUB_OFFLINE, sys.path: before torch and the stages
 
 import torch  # noqa: E402
 
+import judges  # noqa: E402
 import rank  # noqa: E402
 
-sys.path.insert(0, str(_util.ROOT / "tests"))
 import tiny_models  # noqa: E402
 
 BENCH = "rank"
@@ -47,8 +44,8 @@ def make_records(n, K, seed=0):
              "truncated": [False] * K} for i in range(n)]
 
 
-class PairRMJudgeBefore(rank.PairRMJudge):
-    """rank.PairRMJudge.pair_logits as it was before optimisation P3 (commit 44a852b), kept for the
+class PairRMJudgeBefore(judges.PairRMJudge):
+    """judges.PairRMJudge.pair_logits as it was before optimisation P3 (commit 44a852b), kept for the
     before/after row: PairRM's collator on K(K-1) two-candidate items per prompt, so every
     response is tokenised 2(K-1) times; forward batches in pair order, not sorted by length."""
 
@@ -62,10 +59,10 @@ class PairRMJudgeBefore(rank.PairRMJudge):
             self._count_cut(ys, features)
             per_prompt.append(features)
         pad = self.blender.ranker_tokenizer.pad_token_id
-        source_ids = rank._pad_cat([f["source_ids"] for f in per_prompt], pad)
-        source_mask = rank._pad_cat([f["source_attention_mask"] for f in per_prompt], 0)
-        cand_ids = rank._pad_cat([f["candidate_ids"] for f in per_prompt], pad)
-        cand_mask = rank._pad_cat([f["candidate_attention_mask"] for f in per_prompt], 0)
+        source_ids = judges._pad_cat([f["source_ids"] for f in per_prompt], pad)
+        source_mask = judges._pad_cat([f["source_attention_mask"] for f in per_prompt], 0)
+        cand_ids = judges._pad_cat([f["candidate_ids"] for f in per_prompt], pad)
+        cand_mask = judges._pad_cat([f["candidate_attention_mask"] for f in per_prompt], 0)
         logits = []
         for s in range(0, len(source_ids), self.batch_size):
             inputs = [t[s:s + self.batch_size].to(self.device) for t in (
@@ -141,10 +138,10 @@ def main():
     import warnings
     warnings.filterwarnings("ignore")
     path = tiny_ranker()
-    judge = rank.PairRMJudge(path, p_mode="scores", batch_size=args.judge_batch_size)
+    judge = judges.PairRMJudge(path, p_mode="scores", batch_size=args.judge_batch_size)
     judge_before = PairRMJudgeBefore.__new__(PairRMJudgeBefore)  # the very same ranker weights and tokenizer
     judge_before.__dict__.update(judge.__dict__)
-    judge_big = rank.PairRMJudge.__new__(rank.PairRMJudge)
+    judge_big = judges.PairRMJudge.__new__(judges.PairRMJudge)
     judge_big.__dict__.update(judge.__dict__, batch_size=args.big_batch)
     records = make_records(args.prompts, args.K)
     comparisons = args.chunk * args.K * (args.K - 1)  # per timed call

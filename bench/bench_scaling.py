@@ -23,9 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 T_START = time.perf_counter()
-import _util  # noqa: E402
+import _util  # noqa: E402  (sets HF_HUB_OFFLINE, sys.path: before torch and the stages)
 
 BENCH = "scaling"
 DEFAULT = ["64,4,16", "128,4,16", "256,4,16", "64,8,16", "64,16,16", "64,4,32", "64,4,64"]
@@ -39,6 +38,7 @@ def child(n, K, L, out_dir):
     import warnings
     warnings.filterwarnings("ignore")
     import generate
+    import judges
     import rank
     import train
     from common import read_records, write_records
@@ -73,7 +73,7 @@ def child(n, K, L, out_dir):
     for r in recs:
         tok_counts += [len(tok(y, add_special_tokens=False)["input_ids"]) for y in r["responses"]]
     res["mean_response_tokens"] = sum(tok_counts) / len(tok_counts)
-    judge = rank.PairRMJudge(bench_rank.tiny_ranker(), p_mode="scores")
+    judge = judges.PairRMJudge(bench_rank.tiny_ranker(), p_mode="scores")
     t = time.perf_counter()
     rank.rank_records(recs, judge)
     res["rank_pairrm_s"] = time.perf_counter() - t

@@ -28,13 +28,10 @@ exactly half), plus the gradients.
 import argparse
 import copy
 import random
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _util  # noqa: E402  (sets HF_HUB_OFFLINE, sys.path)
+import _util  # sets HF_HUB_OFFLINE, sys.path: before torch and the stages
 
 import torch  # noqa: E402
 

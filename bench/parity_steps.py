@@ -14,11 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
+import _util  # sets HF_HUB_OFFLINE, sys.path: before torch and the stages
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 import toy  # noqa: E402
 from common import read_records, write_records  # noqa: E402
 from iterate import PRESETS, split_prompts  # noqa: E402
@@ -27,7 +26,7 @@ from iterate import PRESETS, split_prompts  # noqa: E402
 def run(cmd, nproc=1):
     launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                   f"--nproc_per_node={nproc}"]
-    subprocess.run(launch + [str(c) for c in cmd], check=True, cwd=ROOT, env=dict(__import__("os").environ, OMP_NUM_THREADS="1"))
+    subprocess.run(launch + [str(c) for c in cmd], check=True, cwd=_util.ROOT, env=dict(__import__("os").environ, OMP_NUM_THREADS="1"))
 
 
 def main():

@@ -1,18 +1,14 @@
 """Acceptance tests for the theory lab (issue 5): lab.py against independent computations."""
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from scipy.optimize import minimize
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import lab  # noqa: E402
-from games import exploitability, von_neumann_winner  # noqa: E402
-from sppo_loss import sppo_loss  # noqa: E402
+import lab
+from games import exploitability, von_neumann_winner
+from sppo_loss import sppo_loss
 
 GAMES = lab.make_games(0)
 

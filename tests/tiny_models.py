@@ -8,15 +8,9 @@
 """
 import io
 import json
-import os
-import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
+import torch
 
 CORPUS = [
     "which fruit suits the picnic", "pick a colour for the party", "name a drink for the dinner",
@@ -55,7 +49,7 @@ def build_tiny_pairrm(root: Path, seed=0) -> Path:
     """A random PairRM-shaped ranker in `root/ranker` (backbone in `root/backbone`)."""
     from transformers import AutoTokenizer, DebertaV2Model
     import safetensors.torch
-    from rank import llm_blender_compat
+    from judges import llm_blender_compat
     llm_blender_compat()
     from llm_blender import RankerConfig
     from llm_blender.pair_ranker.model_util import build_collator, build_ranker, build_tokenizer
