@@ -208,7 +208,7 @@ def _run_learned(games: dict, etas, T: int, K: int = 8, seeds: int = 8, seed: in
             # Normalised targets eta*w - log Z_t, given to sppo_loss as a shifted win rate.
             w_target = torch.where(is_logz, w - (log_z - eta_e / 2) / eta_e, w)
             precond[ex] = torch.clamp(2 * pw, min=1e-300)
-            parts.append(lambda lp: (pw * sppo_loss(lp[ex], lref_e, w_target, eta_e)).sum())
+            parts.append(lambda lp: (pw * sppo_loss(lp[ex] - lref_e, w_target, eta_e)).sum())
 
         if n_ex < R:   # K samples from pi_t; win rates estimated from the K x K sub-matrix
             idx = torch.multinomial(pi_ref[smp], K, replacement=True, generator=gen)   # [S, K]
@@ -220,7 +220,7 @@ def _run_learned(games: dict, etas, T: int, K: int = 8, seeds: int = 8, seed: in
             q = torch.zeros(n_sa, n_max, dtype=DTYPE).scatter_add_(
                 1, i_s, torch.full(i_s.shape, 1.0 / K, dtype=DTYPE))
             precond[sa] = torch.clamp(2 * (q + pi_ref[sa]), min=1e-300)
-            parts.append(lambda lp: sppo_loss(lp[sa].gather(1, i_s), lref_s, w_s, eta_s).mean(-1).sum())
+            parts.append(lambda lp: sppo_loss(lp[sa].gather(1, i_s) - lref_s, w_s, eta_s).mean(-1).sum())
         if n_ex + n_sa < R:   # pair losses on the best and worst of the K by estimated win rate
             best, worst = best_and_worst(w_hat[n_sa:])
             i_p = idx[n_sa:]

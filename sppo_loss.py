@@ -36,13 +36,21 @@ def win_rates(P: torch.Tensor) -> torch.Tensor:
     return P.mean(dim=-1)
 
 
-def sppo_loss(policy_logps, ref_logps, win_rate, eta: float) -> torch.Tensor:
+def sppo_target(win_rate: torch.Tensor, eta: float) -> torch.Tensor:
+    """The logratio SPPO fits to (Eq. 4.6), elementwise: eta * (P(y > pi_t | x) - 1/2).
+
+    Eq. 4.1's log pi_{t+1}/pi_t = eta * P(y > pi_t | x) - log Z_t(x), with log Z_t = eta/2.
+    """
+    return eta * (win_rate - 0.5)
+
+
+def sppo_loss(logratio: torch.Tensor, win_rate: torch.Tensor, eta: float) -> torch.Tensor:
     """Square-loss fit of the multiplicative-weights update (Eq. 4.6), elementwise.
 
-    policy_logps, ref_logps, win_rate: same shape, e.g. [B] or [B, K]; returns that shape.
-    The target logratio is eta * (P(y > pi_t) - 1/2): log Z_t approximated by eta/2.
+    logratio = log pi_theta(y|x) - log pi_t(y|x) and win_rate = P(y > pi_t | x), same shape,
+    e.g. [B] or [B, K]; returns that shape: (logratio - eta * (win_rate - 1/2))^2.
     """
-    return ((policy_logps - ref_logps) - eta * (win_rate - 0.5)) ** 2
+    return (logratio - sppo_target(win_rate, eta)) ** 2
 
 
 def best_and_worst(win_rate: torch.Tensor):
@@ -59,15 +67,13 @@ def best_and_worst(win_rate: torch.Tensor):
 
 
 def sppo_pair_loss(logratio_w, logratio_l, win_w, win_l, eta: float):
-    """`sppo`: the official loss on the best and worst of K, the two terms averaged."""
-    zeros = torch.zeros_like(logratio_w)
-    return 0.5 * (sppo_loss(logratio_w, zeros, win_w, eta) + sppo_loss(logratio_l, zeros, win_l, eta))
+    """`sppo`: the official loss on the best and worst of K, the two terms averaged (Eq. 4.6 each)."""
+    return 0.5 * (sppo_loss(logratio_w, win_w, eta) + sppo_loss(logratio_l, win_l, eta))
 
 
 def sppo_single_loss(logratio_w, logratio_l, p_wl, eta: float):
     """`sppo_single`: targets +-eta * (P(y_w > y_l) - 1/2), i.e. pi_t reduced to the pair."""
-    zeros = torch.zeros_like(logratio_w)
-    return 0.5 * (sppo_loss(logratio_w, zeros, p_wl, eta) + sppo_loss(logratio_l, zeros, 1.0 - p_wl, eta))
+    return 0.5 * (sppo_loss(logratio_w, p_wl, eta) + sppo_loss(logratio_l, 1.0 - p_wl, eta))
 
 
 def sppo_hard_loss(logratio_w, logratio_l, eta: float):
@@ -94,7 +100,7 @@ def sppo_all_loss(logratios, win_rate, eta: float):
     logratios, win_rate: [B, K] -> [B]. Uses all of pi_t's samples, as Eq. 4.6 does in
     expectation; the official code trains only the best and worst.
     """
-    return sppo_loss(logratios, torch.zeros_like(logratios), win_rate, eta).mean(dim=-1)
+    return sppo_loss(logratios, win_rate, eta).mean(dim=-1)
 
 
 LOSS_TYPES = ("sppo", "sppo_single", "sppo_hard", "sppo_all", "dpo", "ipo")
@@ -111,26 +117,50 @@ def responses_used(loss_type: str, win_rate: torch.Tensor) -> torch.Tensor:
     return torch.stack([best, worst], dim=-1)
 
 
-def preference_loss(loss_type: str, logratios, P, win_rate, used, eta: float, beta: float):
-    """Per-prompt loss for any loss type: returns [B].
+def preference_loss(loss_type: str, *, logratios, win_rate, P, used, eta: float, beta: float):
+    """Per-prompt loss of any loss type, and what it pulls the trained responses towards.
 
-    logratios: [B, R], for the responses `used` ([B, R], from `responses_used`);
-    P: [B, K, K]; win_rate: [B, K]. eta scales the SPPO targets; beta is DPO/IPO's.
+    logratios: [B, R] log pi_theta(y|x) - log pi_t(y|x) of the responses `used` ([B, R] indices
+    into K, from `responses_used`); win_rate: [B, K]; P: [B, K, K]. eta scales the SPPO targets,
+    beta is DPO's and IPO's. Returns (loss [B], stats), stats a dict of [B] tensors about the
+    chosen and rejected response: y_w and y_l for the pair losses, the best and worst of the K by
+    win rate for `sppo_all` (ties to the lowest index: with all win rates equal, one response twice):
+      logratio_chosen, logratio_rejected  their logratios;
+      target_chosen, target_rejected      the logratio each one's loss term is smallest at,
+                                          eta * (p - 1/2) (Eq. 4.6), p = its win rate (`sppo`,
+                                          `sppo_all`), P(y_w > y_l) for y_w and 1 - P(y_w > y_l)
+                                          for y_l (`sppo_single`), 1 and 0 (`sppo_hard`); NaN for
+                                          `dpo` and `ipo`: they set only the difference of the two
+                                          (ipo pulls it to 1/(2 beta), dpo pushes it up unbounded);
+      preferred                           1 if the chosen has the higher win rate, 0 for a tie;
+      ordered                             1 if preferred and its logratio is the higher too.
     """
+    rows = torch.arange(logratios.shape[0], device=logratios.device)
+    wins = win_rate.gather(-1, used)  # [B, R]: P(y > pi_t | x) of the trained responses
     if loss_type == "sppo_all":
-        return sppo_all_loss(logratios, win_rate.gather(-1, used), eta)
-    logratio_w, logratio_l = logratios[:, 0], logratios[:, 1]
-    w, l = used[:, 0], used[:, 1]
-    if loss_type == "sppo":
-        win = win_rate.gather(-1, used)
-        return sppo_pair_loss(logratio_w, logratio_l, win[:, 0], win[:, 1], eta)
-    if loss_type == "sppo_single":
-        p_wl = P[torch.arange(P.shape[0]), w, l]
-        return sppo_single_loss(logratio_w, logratio_l, p_wl, eta)
-    if loss_type == "sppo_hard":
-        return sppo_hard_loss(logratio_w, logratio_l, eta)
-    if loss_type == "dpo":
-        return dpo_loss(logratio_w, logratio_l, beta)
-    if loss_type == "ipo":
-        return ipo_loss(logratio_w, logratio_l, beta)
-    raise ValueError(f"unknown loss_type {loss_type!r}; choose from {LOSS_TYPES}")
+        loss, targets = sppo_all_loss(logratios, wins, eta), sppo_target(wins, eta)
+    else:  # a pair loss on (y_w, y_l) = (best, worst)
+        logratio_w, logratio_l = logratios[:, 0], logratios[:, 1]
+        if loss_type == "sppo":
+            loss, targets = sppo_pair_loss(logratio_w, logratio_l, wins[:, 0], wins[:, 1], eta), sppo_target(wins, eta)
+        elif loss_type == "sppo_single":
+            p_wl = P[rows, used[:, 0], used[:, 1]]
+            loss = sppo_single_loss(logratio_w, logratio_l, p_wl, eta)
+            targets = sppo_target(torch.stack([p_wl, 1.0 - p_wl], dim=-1), eta)
+        elif loss_type == "sppo_hard":  # hard labels: P(y_w > y_l) = 1
+            loss = sppo_hard_loss(logratio_w, logratio_l, eta)
+            targets = sppo_target(wins.new_tensor([1.0, 0.0]).expand_as(wins), eta)
+        elif loss_type in ("dpo", "ipo"):
+            loss = (dpo_loss if loss_type == "dpo" else ipo_loss)(logratio_w, logratio_l, beta)
+            targets = torch.full_like(logratios, float("nan"))
+        else:
+            raise ValueError(f"unknown loss_type {loss_type!r}; choose from {LOSS_TYPES}")
+    if loss_type == "sppo_all":  # positions in R of the chosen and rejected response
+        chosen, rejected = best_and_worst(wins)
+    else:
+        chosen, rejected = torch.zeros_like(rows), torch.ones_like(rows)
+    preferred = wins[rows, chosen] > wins[rows, rejected]
+    logratio_chosen, logratio_rejected = logratios[rows, chosen], logratios[rows, rejected]
+    return loss, {"logratio_chosen": logratio_chosen, "logratio_rejected": logratio_rejected,
+                  "target_chosen": targets[rows, chosen], "target_rejected": targets[rows, rejected],
+                  "preferred": preferred, "ordered": preferred & (logratio_chosen > logratio_rejected)}

@@ -158,20 +158,21 @@ def micro_batches_of(indices, weights, examples, ref_logps, micro_batch):
     return out
 
 
-# what accumulate_gradients sums over a step's micro-batches (each weighted by the example's weight)
-STEP_SUMS = ("loss", "logratio_chosen", "logratio_rejected", "target_chosen", "target_rejected",
-             "ordered", "distinct", "weight", "tokens", "tokens_sq")
+# what accumulate_gradients sums over a step's micro-batches (each weighted by the example's weight):
+# the loss, preference_loss's statistics, the examples, their tokens
+LOSS_STATS = ("logratio_chosen", "logratio_rejected", "target_chosen", "target_rejected", "ordered", "preferred")
+STEP_SUMS = ("loss", *LOSS_STATS, "weight", "tokens", "tokens_sq")
 
 
-def accumulate_gradients(model, micro_batches, scale, args, pad_id, device, autocast=contextlib.nullcontext(), fsdp=False):
+def accumulate_gradients(model, micro_batches, scale, pad_id, device, *, loss_type, eta, beta,
+                         autocast=contextlib.nullcontext(), fsdp=False):
     """Forward and backward over micro-batches, gradients summed: d(scale * sum_b w_b loss_b)/d theta.
 
     micro_batches: (examples [B], ref_logps [B, R], weights [B]) each; -> dict of STEP_SUMS, weighted
-    sums over the examples: the loss; the achieved logratios of the chosen and rejected response
-    (best and worst of those trained on) and their SPPO targets eta * (P(y > pi_t) - 1/2);
-    `distinct` counts pairs whose targets differ and `ordered` those of them whose logratios are in
-    the targets' order; `weight` the examples; `tokens` and `tokens_sq` the sums of n and n^2 over
-    the sequences of n real tokens (for throughput and the FLOP estimate).
+    sums over the examples: the loss and preference_loss's statistics (the chosen and rejected
+    response's logratios and targets; `preferred` counts pairs whose win rates differ, `ordered`
+    those of them whose logratios are in the same order); `weight` the examples; `tokens` and
+    `tokens_sq` the sums of n and n^2 over the sequences of n real tokens (throughput, FLOPs).
     """
     sums = dict.fromkeys(STEP_SUMS, 0.0)
     for n, (micro, ref, w) in enumerate(micro_batches):
@@ -180,24 +181,20 @@ def accumulate_gradients(model, micro_batches, scale, args, pad_id, device, auto
             model.set_requires_gradient_sync(n == len(micro_batches) - 1)
         with autocast:
             logratios = batch_logps(model, micro, pad_id, device) - ref.to(device)  # log pi_theta/pi_t: [B, R]
-        P, win_rate, used = (torch.stack([ex[key] for ex in micro]).to(device) for key in ("P", "win_rate", "used"))
-        losses = preference_loss(args.loss_type, logratios, P, win_rate, used, args.eta, args.beta)
+        win_rate = torch.stack([ex["win_rate"] for ex in micro]).to(device)  # [B, K]
+        P = torch.stack([ex["P"] for ex in micro]).to(device)  # [B, K, K]
+        used = torch.stack([ex["used"] for ex in micro]).to(device)  # [B, R]: which of the K are trained on
+        # the square loss of Eq. 4.6 on each trained response (--loss_type sppo*), or a baseline's
+        losses, stats = preference_loss(loss_type, logratios=logratios, win_rate=win_rate, P=P, used=used,
+                                        eta=eta, beta=beta)
         ((losses * w).sum() * scale).backward()
-        # the step's metrics: chosen / rejected = the best / worst of the responses trained on
-        lr_w = logratios.detach()
-        targets = args.eta * (win_rate.gather(-1, used) - 0.5)  # [B, R]
-        rows = torch.arange(len(micro), device=device)
-        best, worst = targets.argmax(-1), targets.argmin(-1)
-        distinct = targets[rows, best] > targets[rows, worst]
-        ordered = distinct & (lr_w[rows, best] > lr_w[rows, worst])
         lengths = torch.tensor([[len(ex["prompt_ids"]) + len(r) for r in ex["response_ids"]] for ex in micro],
                                dtype=torch.float64, device=device)  # [B, R] real tokens per sequence
         real = (w > 0).double()  # weight-0 padding examples are not useful work
-        for key, value in (("loss", losses.detach() * w), ("logratio_chosen", lr_w[rows, best] * w),
-                           ("logratio_rejected", lr_w[rows, worst] * w), ("target_chosen", targets[rows, best] * w),
-                           ("target_rejected", targets[rows, worst] * w), ("ordered", ordered * w),
-                           ("distinct", distinct * w), ("weight", w), ("tokens", lengths.sum(-1) * real),
-                           ("tokens_sq", (lengths ** 2).sum(-1) * real)):
+        step = {key: stats[key].detach() * w for key in LOSS_STATS}
+        step.update(loss=losses.detach() * w, weight=w, tokens=lengths.sum(-1) * real,
+                    tokens_sq=(lengths ** 2).sum(-1) * real)
+        for key, value in step.items():
             sums[key] = sums[key] + value.double().sum()
     return dict(zip(STEP_SUMS, torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device)
                                             for k in STEP_SUMS]).tolist()))  # one device-to-host copy
@@ -229,12 +226,14 @@ def peak_tflops(device):
 
 def step_metrics(sums, seconds, flop_counts, peak_flops):
     """One step's metrics by name, from STEP_SUMS over all ranks and the step's wall time."""
-    n, distinct = sums["weight"], sums["distinct"]
+    n, preferred = sums["weight"], sums["preferred"]
     flops = flop_counts[0] * sums["tokens"] + flop_counts[1] * sums["tokens_sq"]
+    targets = {k: sums[k] / n if math.isfinite(sums[k]) else None  # None: dpo and ipo have none
+               for k in ("target_chosen", "target_rejected")}
     return {"loss": sums["loss"] / n,
-            "logratio_chosen": sums["logratio_chosen"] / n, "target_chosen": sums["target_chosen"] / n,
-            "logratio_rejected": sums["logratio_rejected"] / n, "target_rejected": sums["target_rejected"] / n,
-            "ordered_fraction": sums["ordered"] / distinct if distinct else None,  # None: all targets tied
+            "logratio_chosen": sums["logratio_chosen"] / n, "target_chosen": targets["target_chosen"],
+            "logratio_rejected": sums["logratio_rejected"] / n, "target_rejected": targets["target_rejected"],
+            "ordered_fraction": sums["ordered"] / preferred if preferred else None,  # None: all win rates tied
             "tokens": int(sums["tokens"]), "tokens_per_s": sums["tokens"] / seconds,
             "mfu": flops / seconds / peak_flops if peak_flops else None}
 
@@ -499,8 +498,8 @@ def main(argv=None):
         micro_batches = micro_batches_of(*padded_share(batch_idx, rank, world), examples, ref_logps, args.micro_batch)
         # mean over the global batch, not over this rank's share; FSDP averages gradients over
         # ranks, hence * world: the gradient is the same for any number of processes
-        sums = accumulate_gradients(model, micro_batches, world / len(batch_idx), args, tokenizer.pad_token_id,
-                                    device, autocast, fsdp)
+        sums = accumulate_gradients(model, micro_batches, world / len(batch_idx), tokenizer.pad_token_id, device,
+                                    loss_type=args.loss_type, eta=args.eta, beta=args.beta, autocast=autocast, fsdp=fsdp)
         try:  # a NaN or overflow stops the run here, before anything is saved
             grad_norm, lr_now = optimizer_step(model, optimizer, scheduler, args.grad_clip)
             if fsdp:

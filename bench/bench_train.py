@@ -98,8 +98,7 @@ def our_step(model, optimizer, scheduler, examples, ref_logps, pad_id, loss_type
     micro_batches_of (sorted by length), accumulate_gradients (forward, loss, backward), optimizer_step."""
     n = len(examples)
     micro_batches = train.micro_batches_of(list(range(n)), [1.0] * n, examples, ref_logps, micro_batch or n)
-    sums = train.accumulate_gradients(model, micro_batches, 1 / n, argparse.Namespace(loss_type=loss_type, eta=eta, beta=beta),
-                                       pad_id, "cpu")
+    sums = train.accumulate_gradients(model, micro_batches, 1 / n, pad_id, "cpu", loss_type=loss_type, eta=eta, beta=beta)
     grad_norm, _ = train.optimizer_step(model, optimizer, scheduler, grad_clip)
     return sums["loss"] / n, grad_norm
 
@@ -205,11 +204,10 @@ def loss_agreement(trainer, model_dir, ref, trl_examples, eta, pad_id):
     exs = our_examples(trl_examples)
     ref_logps = our_reference(ref, exs, pad_id)
     logratios = train.batch_logps(policy, exs, pad_id, "cpu") - ref_logps
-    P = torch.stack([ex["P"] for ex in exs])
-    hard = torch.stack([ex["win_rate"] for ex in exs])  # (1, 0): hard labels
-    used = torch.stack([ex["used"] for ex in exs])
-    hard_loss = preference_loss("sppo_hard", logratios, P, hard, used, eta, 0.1).mean()
-    sppo_loss = preference_loss("sppo", logratios, P, hard, used, eta, 0.1).mean()
+    batch = dict(logratios=logratios, P=torch.stack([ex["P"] for ex in exs]), used=torch.stack([ex["used"] for ex in exs]),
+                 win_rate=torch.stack([ex["win_rate"] for ex in exs]))  # win rates (1, 0): hard labels
+    hard_loss = preference_loss("sppo_hard", **batch, eta=eta, beta=0.1)[0].mean()
+    sppo_loss = preference_loss("sppo", **batch, eta=eta, beta=0.1)[0].mean()
     hard_loss.backward(retain_graph=True)
     our_grads = torch.cat([p.grad.flatten() for p in policy.parameters()])
     rel = lambda a, b: abs(a - b) / max(abs(b), 1e-12)  # noqa: E731

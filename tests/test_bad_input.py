@@ -2,7 +2,6 @@
 file, line and field (or the flag), and nothing written. One case per kind, run in-process
 (each stage's main(argv)); the table in NOTES.md lists them."""
 import json
-from pathlib import Path
 
 import pytest
 

@@ -1,6 +1,5 @@
 """The GPU path against the official recipe and the real libraries (issue 12): the training
 schedule, length cuts, selection precision, untrusted checkpoints and the step metrics."""
-import argparse
 import json
 import math
 import os
@@ -73,7 +72,7 @@ def independent_logp(model, prompt_ids, response_ids):
     return sum(logp[len(prompt_ids) + t - 1, tok].item() for t, tok in enumerate(response_ids))
 
 
-@pytest.mark.parametrize("loss_type", ["sppo", "sppo_all"])
+@pytest.mark.parametrize("loss_type", ["sppo", "sppo_all", "sppo_hard", "dpo"])
 def test_step_sums_against_independent_computation(tok_model, loss_type):
     tok, model = tok_model
     records = ranked(6, 4, seed=1)
@@ -82,8 +81,7 @@ def test_step_sums_against_independent_computation(tok_model, loss_type):
     ref = torch.randn(len(examples), R, generator=torch.Generator().manual_seed(0))
     weights = [1.0, 0.0, 1.0, 1.0, 1.0, 1.0]  # example 1 is a weight-0 padding example
     micro = train.micro_batches_of(list(range(len(examples))), weights, examples, ref, 4)
-    args = argparse.Namespace(loss_type=loss_type, eta=10.0, beta=0.1)
-    sums = train.accumulate_gradients(model, micro, 1.0, args, tok.pad_token_id, "cpu")
+    sums = train.accumulate_gradients(model, micro, 1.0, tok.pad_token_id, "cpu", loss_type=loss_type, eta=10.0, beta=0.1)
     model.zero_grad()
     expected = dict.fromkeys(train.STEP_SUMS, 0.0)
     for i, (rec, ex, w) in enumerate(zip(records, examples, weights)):
@@ -92,21 +90,29 @@ def test_step_sums_against_independent_computation(tok_model, loss_type):
         used = ex["used"].tolist()
         lr = {k: independent_logp(model, ex["prompt_ids"], ex["response_ids"][n]) - ref[i, n].item()
               for n, k in enumerate(used)}
-        loss = [(lr[k] - 10 * (win[k] - 0.5)) ** 2 for k in used]  # Eq. 4.6 on each trained response
-        expected["loss"] += w * sum(loss) / len(loss)
+        if loss_type == "dpo":  # -log sigmoid(beta (lr_w - lr_l)); no target for either response
+            target = dict.fromkeys(used, math.nan)
+            expected["loss"] += w * math.log1p(math.exp(-0.1 * (lr[best] - lr[worst])))
+        else:  # Eq. 4.6 on each trained response; sppo_hard: hard labels (win rates 1, 0), terms summed
+            target = {k: 10 * (win[k] - 0.5) for k in used} if loss_type != "sppo_hard" else {best: 5.0, worst: -5.0}
+            loss = [(lr[k] - target[k]) ** 2 for k in used]
+            expected["loss"] += w * sum(loss) / (1 if loss_type == "sppo_hard" else len(loss))
         expected["logratio_chosen"] += w * lr[best]
         expected["logratio_rejected"] += w * lr[worst]
-        expected["target_chosen"] += w * 10 * (win[best] - 0.5)
-        expected["target_rejected"] += w * 10 * (win[worst] - 0.5)
-        expected["distinct"] += w * (win[best] > win[worst])
+        expected["target_chosen"] += w * target[best]
+        expected["target_rejected"] += w * target[worst]
+        expected["preferred"] += w * (win[best] > win[worst])
         expected["ordered"] += w * (win[best] > win[worst] and lr[best] > lr[worst])
         expected["weight"] += w
         lengths = [len(ex["prompt_ids"]) + len(r) for r in ex["response_ids"]]
         expected["tokens"] += (w > 0) * sum(lengths)
         expected["tokens_sq"] += (w > 0) * sum(n * n for n in lengths)
     for key, value in expected.items():
-        assert sums[key] == pytest.approx(value, rel=1e-5, abs=1e-3), key
-    assert 0 < sums["ordered"] < sums["distinct"]  # both outcomes occur: the check can tell them apart
+        assert sums[key] == pytest.approx(value, rel=1e-5, abs=1e-3, nan_ok=True), key
+    assert 0 < sums["ordered"] < sums["preferred"]  # both outcomes occur: the check can tell them apart
+    m = train.step_metrics(sums, 1.0, (0, 0), 0)  # what metrics.jsonl gets: valid JSON, no NaN
+    assert (m["target_chosen"] is None) == (loss_type == "dpo")
+    json.loads(json.dumps(m, allow_nan=False))
 
 
 def test_training_logs_hf_schedule_and_named_metrics(tmp_path, toy_world, tok_model, capsys):

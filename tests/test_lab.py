@@ -133,7 +133,7 @@ def test_fit_minimiser_does_not_depend_on_the_optimiser():
         mw = pi * np.exp(eta * w - lz)
 
         def fit(win):
-            loss = lambda lp: (pw * sppo_loss(lp, ref, torch.tensor(win), eta)).sum()  # noqa: E731
+            loss = lambda lp: (pw * sppo_loss(lp - ref, torch.tensor(win), eta)).sum()  # noqa: E731
             theta = lab.fit_step(theta_ref, loss, torch.ones(5, dtype=torch.float64), 0.9, 1500)
             return torch.softmax(theta, -1).numpy()
         assert np.abs(fit(w - (lz - eta / 2) / eta) - mw).max() < 1e-8

@@ -1,10 +1,12 @@
 """sppo_loss.py against brute force and hand computations."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import sppo_loss as L
+from games import multiplicative_weights_step
 
 
 def sigmoid(x):
@@ -37,9 +39,27 @@ def test_win_rates_brute_force_with_self_term():
 
 
 def test_sppo_loss_hand_computed():
-    # logratio 0.3 - (-0.2) = 0.5, target 2 * (0.75 - 0.5) = 0.5 -> 0; and (1 - 2 * (0.25 - 0.5))^2 = 2.25
-    got = L.sppo_loss(torch.tensor([0.3, 1.0]), torch.tensor([-0.2, 0.0]), torch.tensor([0.75, 0.25]), eta=2.0)
+    # logratio 0.5, target 2 * (0.75 - 0.5) = 0.5 -> 0; and (1 - 2 * (0.25 - 0.5))^2 = 2.25
+    got = L.sppo_loss(torch.tensor([0.5, 1.0]), torch.tensor([0.75, 0.25]), eta=2.0)
     assert got.tolist() == pytest.approx([0.0, 2.25])
+
+
+def test_sppo_target_is_the_multiplicative_weights_step_up_to_a_constant():
+    """Eq. 4.6's target eta (P(y > pi_t) - 1/2) is log pi_{t+1}(y)/pi_t(y) of the exact update
+    (Eq. 4.1, games.multiplicative_weights_step in numpy) shifted by the same log Z_t - eta/2 for
+    every y: the shift the eta/2 approximation makes, between 0 and eta^2/8."""
+    rng = np.random.default_rng(0)
+    for n, eta in ((3, 0.5), (6, 2.0)):
+        A = rng.random((n, n))
+        P = (A + 1 - A.T) / 2  # a preference matrix: P + P^T = 1
+        pi = rng.dirichlet(np.ones(n))
+        log_ratio = np.log(multiplicative_weights_step(P, pi, eta) / pi)
+        target = L.sppo_target(torch.tensor(P @ pi), eta).numpy()
+        shift = target - log_ratio
+        assert np.allclose(shift, shift[0], atol=1e-12)
+        log_z = np.log(np.sum(pi * np.exp(eta * (P @ pi))))
+        assert shift[0] == pytest.approx(log_z - eta / 2, abs=1e-12)
+        assert 0 <= shift[0] <= eta ** 2 / 8
 
 
 # one prompt, hand-computed: logratios w = 1.0, l = -0.5; win rates 0.7 / 0.4; P[w, l] = 0.8; eta = 2, beta = 0.5
@@ -67,25 +87,96 @@ def test_sppo_all_hand_computed():
     assert L.sppo_all_loss(logratios, win, 2.0).item() == pytest.approx(expected)
 
 
-def test_preference_loss_selects_best_and_worst():
-    # K = 4: best is index 2 (0.8), worst index 1 (0.1)
-    win = torch.tensor([[0.5, 0.1, 0.8, 0.6]])
-    P = torch.full((1, 4, 4), 0.5)
-    P[0, 2, 1], P[0, 1, 2] = 0.9, 0.1
-    used = L.responses_used("sppo", win)
-    assert used.tolist() == [[2, 1]]
-    logratios = torch.tensor([[0.4, -0.3]])
-    got = L.preference_loss("sppo", logratios, P, win, used, eta=1.0, beta=0.1)
-    assert got.item() == pytest.approx(0.5 * ((0.4 - 0.3) ** 2 + (-0.3 + 0.4) ** 2))
-    got = L.preference_loss("sppo_single", logratios, P, win, used, eta=1.0, beta=0.1)
-    assert got.item() == pytest.approx(0.5 * ((0.4 - 0.4) ** 2 + (-0.3 + 0.4) ** 2))
-    all_used = L.responses_used("sppo_all", win)
-    assert all_used.tolist() == [[0, 1, 2, 3]]
-    lr_all = torch.tensor([[0.0, 0.0, 0.0, 0.0]])
-    got = L.preference_loss("sppo_all", lr_all, P, win, all_used, eta=1.0, beta=0.1)
-    assert got.item() == pytest.approx(sum((w - 0.5) ** 2 for w in [0.5, 0.1, 0.8, 0.6]) / 4)
+def brute_force(loss_type, logratios, P, eta, beta):
+    """preference_loss of one prompt, from the formulas (NOTES.md's table) in plain floats.
+
+    logratios: log pi_theta(y_k)/pi_t(y_k) of each of the K responses; P: K x K lists.
+    -> (loss, logratio_chosen, logratio_rejected, target_chosen, target_rejected, preferred, ordered)
+    """
+    K = len(P)
+    win = [sum(P[i]) / K for i in range(K)]  # the self term P[i][i] = 1/2 included
+    w = max(range(K), key=lambda k: (win[k], -k))  # the first best, the first worst
+    l = min(range(K), key=lambda k: (win[k], k))
+    lw, ll = logratios[w], logratios[l]
+    nan = float("nan")
+    if loss_type == "sppo_all":
+        loss = sum((logratios[k] - eta * (win[k] - 0.5)) ** 2 for k in range(K)) / K
+        tw, tl = eta * (win[w] - 0.5), eta * (win[l] - 0.5)
+    elif loss_type == "sppo":
+        tw, tl = eta * (win[w] - 0.5), eta * (win[l] - 0.5)
+        loss = ((lw - tw) ** 2 + (ll - tl) ** 2) / 2
+    elif loss_type == "sppo_single":
+        tw, tl = eta * (P[w][l] - 0.5), eta * (P[l][w] - 0.5)
+        loss = ((lw - tw) ** 2 + (ll - tl) ** 2) / 2
+    elif loss_type == "sppo_hard":
+        tw, tl = eta / 2, -eta / 2
+        loss = (lw - tw) ** 2 + (ll - tl) ** 2
+    elif loss_type == "dpo":
+        tw = tl = nan
+        loss = math.log(1 + math.exp(-beta * (lw - ll)))
+    elif loss_type == "ipo":
+        tw = tl = nan
+        loss = (lw - ll - 1 / (2 * beta)) ** 2
+    preferred = win[w] > win[l]
+    return loss, lw, ll, tw, tl, preferred, preferred and lw > ll
+
+
+def random_preferences(B, K, gen):
+    A = torch.rand(B, K, K, dtype=torch.float64, generator=gen)
+    return (A + 1 - A.transpose(-1, -2)) / 2
+
+
+@pytest.mark.parametrize("loss_type", L.LOSS_TYPES)
+def test_preference_loss_and_stats_brute_force(loss_type):
+    """Loss and statistics of every loss type against `brute_force`, on random preferences plus
+    two hand-made prompts: all win rates tied (best = worst), and a best y_w that y_l beats
+    head-on (P[w][l] < 1/2: sppo_single's targets then point the other way)."""
+    gen = torch.Generator().manual_seed(0)
+    K, eta, beta = 4, 3.0, 0.7
+    P = torch.cat([random_preferences(6, K, gen), torch.full((1, K, K), 0.5, dtype=torch.float64),
+                   torch.tensor([[[0.5, 0.4, 1.0, 1.0], [0.6, 0.5, 0.0, 0.0], [0.0, 1.0, 0.5, 0.5],
+                                  [0.0, 1.0, 0.5, 0.5]]], dtype=torch.float64)])
+    win_rate = P.mean(-1)  # rank.py's win rates (win_rates is checked above against a loop)
+    used = L.responses_used(loss_type, win_rate)
+    per_response = torch.randn(len(P), K, dtype=torch.float64, generator=gen)  # log pi_theta/pi_t of each y_k
+    logratios = per_response.gather(-1, used)
+    loss, stats = L.preference_loss(loss_type, logratios=logratios, win_rate=win_rate, P=P, used=used, eta=eta, beta=beta)
+    assert set(stats) == {"logratio_chosen", "logratio_rejected", "target_chosen", "target_rejected", "preferred", "ordered"}
+    for b in range(len(P)):
+        want = brute_force(loss_type, per_response[b].tolist(), P[b].tolist(), eta, beta)
+        got = (loss[b], *(stats[k][b] for k in ("logratio_chosen", "logratio_rejected", "target_chosen",
+                                                 "target_rejected", "preferred", "ordered")))
+        assert [float(g) for g in got] == pytest.approx([float(x) for x in want], rel=1e-12, abs=1e-12, nan_ok=True), b
+    assert not stats["preferred"][6] and stats["preferred"][7]  # the tie, and y_w = 0 over y_l = 1 at P = 0.4
+    if loss_type == "sppo_single":
+        assert stats["target_chosen"][7] < 0 < stats["target_rejected"][7]
+
+
+@pytest.mark.parametrize("loss_type", ["sppo", "sppo_single", "sppo_hard", "sppo_all", "ipo"])
+def test_targets_are_where_the_loss_is_smallest(loss_type):
+    """The stats' targets are the loss's minimiser: at logratios = targets the loss is 0 and its
+    gradient vanishes (ipo: at any pair whose difference is 1/(2 beta))."""
+    gen = torch.Generator().manual_seed(1)
+    P = random_preferences(5, 4, gen)
+    win_rate = P.mean(-1)
+    used = L.responses_used(loss_type, win_rate)
+    kw = dict(win_rate=win_rate, P=P, used=used, eta=2.0, beta=0.25)
+    _, stats = L.preference_loss(loss_type, logratios=torch.zeros(used.shape, dtype=torch.float64), **kw)
+    if loss_type == "sppo_all":
+        at_target = 2.0 * (win_rate - 0.5)  # every response its own target; chosen / rejected are two of them
+        assert torch.equal(stats["target_chosen"], at_target.max(-1).values)
+        assert torch.equal(stats["target_rejected"], at_target.min(-1).values)
+    elif loss_type == "ipo":
+        at_target = torch.tensor([[1.7, 1.7 - 1 / (2 * 0.25)]] * 5, dtype=torch.float64)
+        assert stats["target_chosen"].isnan().all()
+    else:
+        at_target = torch.stack([stats["target_chosen"], stats["target_rejected"]], -1)
+    at_target.requires_grad_(True)
+    loss, _ = L.preference_loss(loss_type, logratios=at_target, **kw)
+    loss.sum().backward()
+    assert loss.abs().max() < 1e-12 and at_target.grad.abs().max() < 1e-12
     with pytest.raises(ValueError):
-        L.preference_loss("nope", logratios, P, win, used, 1.0, 0.1)
+        L.preference_loss("nope", logratios=at_target, **kw)
 
 
 def test_ties_give_best_equal_worst():
@@ -96,5 +187,5 @@ def test_ties_give_best_equal_worst():
 def test_gradient_of_sppo_loss_pushes_towards_target():
     """d loss / d logratio = 2 (logratio - target): the winner is pushed up, the loser down."""
     lr = torch.zeros(2, requires_grad=True)
-    L.sppo_loss(lr, torch.zeros(2), torch.tensor([0.9, 0.1]), eta=10.0).sum().backward()
+    L.sppo_loss(lr, torch.tensor([0.9, 0.1]), eta=10.0).sum().backward()
     assert lr.grad.tolist() == pytest.approx([-8.0, 8.0])

@@ -1,7 +1,6 @@
 """No silent damage: a non-finite step saves nothing, an edited input is never served from a stale
 shard, a stage's stale temporaries go, control strings in user text stay text, and ranks whose
 launcher is killed exit instead of racing a re-run."""
-import json
 import math
 import os
 import signal
@@ -11,11 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 import train
-from common import (load_tokenizer, path_stamp, prompt_token_ids, read_records, response_token_ids, shard_path,
-                    write_records)
+from common import load_tokenizer, path_stamp, prompt_token_ids, response_token_ids, shard_path, write_records
 
 ROOT = Path(__file__).resolve().parents[1]
 
