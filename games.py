@@ -8,11 +8,6 @@ import numpy as np
 from scipy.optimize import linprog
 
 
-def win_rates_against(P: np.ndarray, pi: np.ndarray) -> np.ndarray:
-    """P(y > pi) for every pure response y: [n, n], [n] -> [n]."""
-    return P @ pi
-
-
 def win_rate(P: np.ndarray, pi: np.ndarray, mu: np.ndarray) -> float:
     """P(pi > mu) = sum_ij pi_i mu_j P[i, j]."""
     return float(pi @ P @ mu)

@@ -303,9 +303,10 @@ def padded_share(indices, rank, world):
 # ---- resumable checkpoints ----------------------------------------------------------------------
 # Sharded with torch.distributed.checkpoint (DCP): each rank writes only its own shard of the
 # parameters and optimizer state, in parallel, and nothing of the size of the whole model is
-# gathered. (Full state dicts would collect parameters and optimizer state on rank 0's CPU: 3 x
-# the fp32 model for RMSprop, 112 GB for a 7B model, at every save.) The RNG states are per rank, one small file each;
-# step and scheduler are written by rank 0. A checkpoint is written to step-N.tmp and renamed to
+# gathered. (A checkpoint holds the fp32 parameters and the optimizer state: RMSprop keeps one
+# tensor per parameter (square_avg), so 2 x 4 bytes x 7.24B = 58 GB for Mistral-7B (AdamW keeps
+# two: 87 GB); full state dicts would collect all of it on rank 0's CPU at every save.) The RNG
+# states are per rank, one small file each; step and scheduler are written by rank 0. A checkpoint is written to step-N.tmp and renamed to
 # step-N when complete, so a run killed mid-save leaves the previous checkpoint intact.
 
 
@@ -519,7 +520,7 @@ def main(argv=None):
             bar.set_postfix(progress_postfix(m))
             bar.update(1)
         # with --save_every, also at the end: a run killed while saving the model resumes there.
-        # Without it, no checkpoint at all (at 7B, model + RMSprop state is ~87 GB to write)
+        # Without it, no checkpoint at all (for its size at 7B see "resumable checkpoints" above)
         if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == total_steps):
             save_checkpoint(ckpt_dir, step + 1, model, optimizer, scheduler, config, rank)
     bar.close()
