@@ -73,7 +73,7 @@ def _check_record(rec, path, line_no, stage, K):
     responses = rec.get("responses")
     if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
         _fail(path, line_no, "responses", "missing or not a list of strings")
-    if len(responses) < 2:
+    if K is None and len(responses) < 2:  # SPPO compares K >= 2; one sample (K=1) only where asked for
         _fail(path, line_no, "responses", f"need K >= 2 responses, got {len(responses)}")
     if K is not None and len(responses) != K:
         _fail(path, line_no, "responses", f"K mismatch: {len(responses)} responses, expected K={K}")
@@ -141,7 +141,8 @@ def read_records(path, stage="prompts", K=None):
     """Read and check a stage's JSONL file: one record per prompt, ids unique.
 
     stage: "prompts" (id, prompt), "responses" (+ responses, truncated), "ranked" (+ P, win_rate).
-    All records must share one K (or the K given). Unknown fields are kept as they are.
+    All records must share one K >= 2, or the K given (K=1: an evaluation's one sample per prompt).
+    Unknown fields are kept as they are.
     """
     path = Path(path)
     if not path.exists():

@@ -224,7 +224,7 @@ def export_alpaca_eval(responses_path, out_path, generator):
     """AlpacaEval's model_outputs.json: instruction, output, generator (and dataset) per prompt."""
     rows = [{"instruction": prompt_text(r["prompt"]), "output": r["responses"][0], "generator": generator,
              **({"dataset": r["dataset"]} if "dataset" in r else {})}
-            for r in read_records(responses_path, stage="prompts")]  # K = 1
+            for r in read_records(responses_path, stage="responses", K=1)]
     atomic_write(out_path, lambda f: json.dump(rows, f, indent=1, ensure_ascii=False))
 
 

@@ -187,6 +187,15 @@ def test_prompt_slices_and_alpaca_eval_export(tmp_path):
     iterate.export_alpaca_eval(tmp_path / "r.jsonl", tmp_path / "model_outputs.json", "run-iter1")
     assert json.loads((tmp_path / "model_outputs.json").read_text()) == [
         {"instruction": "Which fruit suits the picnic?", "output": "apple", "generator": "run-iter1"}]
+    # the eval's responses file is checked as one: one sample per prompt, each a string
+    bad = {"no-responses": ({"id": "a", "prompt": "q"}, "field 'responses': missing or not a list of strings"),
+           "two-samples": ({"id": "a", "prompt": "q", "responses": ["x", "y"]}, "field 'responses': K mismatch: 2 responses, expected K=1"),
+           "not-text": ({"id": "a", "prompt": "q", "responses": [3]}, "field 'responses': missing or not a list of strings")}
+    for name, (record, message) in bad.items():
+        write_records(tmp_path / f"{name}.jsonl", [{"id": "z", "prompt": "p", "responses": ["ok"]}, record])
+        with pytest.raises(InputError, match=rf"{name}.jsonl:2: {message}"):
+            iterate.export_alpaca_eval(tmp_path / f"{name}.jsonl", tmp_path / f"{name}.json", "me")
+        assert not (tmp_path / f"{name}.json").exists(), name
 
 
 def test_alpaca_eval_json_list_as_eval_prompts(tmp_path):
