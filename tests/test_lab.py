@@ -1,5 +1,6 @@
 """Acceptance tests for the theory lab (issue 5): lab.py against independent computations."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -95,7 +96,7 @@ def test_transitive_both_converge_to_best_response():
         gaps[T] = lab.curves(P, pis)[1][-1]
     assert 1.8 < gaps[2000] / gaps[8000] < 2.2              # measured 1.99 (sqrt(4) = 2)
     # The learned exact-target updates do the same (deterministic; the sampled ones are not,
-    # a few runs of DPO and sppo_hard collapse on a wrong response, see notes_lab.md).
+    # a few runs of DPO and sppo_hard collapse on a wrong response: NOTES.md, theory lab, Collapse).
     rows, pis_l, _ = lab.run_learned({"transitive": P}, (1.0,), 300, methods=("fit_eta2", "fit_logz"))
     assert np.all(pis_l[-1, :, best] > 0.9999)
 
@@ -177,12 +178,45 @@ def test_pair_losses_do_not_rest_at_the_winner():
         assert spread > 0.1 and spread > 6 * se, (m, spread, se)   # measured 0.15, 0.14, 0.49
 
 
-def test_main_writes_plots_config_and_summary(tmp_path, capsys):
-    lab.main(["--T", "40", "--seeds", "2", "--drift_seeds", "20", "--out_dir", str(tmp_path)])
-    for name in ("exploitability.png", "simplex_rps.png", "logz_bias.png", "summary.txt"):
-        assert (tmp_path / name).stat().st_size > 1000 or name == "summary.txt"
+def test_main_summary_numbers_are_the_recomputed_ones(tmp_path, capsys):
+    """lab.main's summary.txt against a recomputation here: the exact MW rows from the closed form
+    pi_T proportional to pi_0 exp(eta sum_{t<T} P pi_t) (pi_0 ~ 2^-y), the von Neumann winners
+    from games.py; and what must hold whatever the numbers (fits with true log Z = MW, zero drift
+    of the exact updates at the winner, log Z_t - eta/2 within its bound eta^2/8)."""
+    T = 40
+    lab.main(["--T", str(T), "--seeds", "2", "--drift_seeds", "20", "--out_dir", str(tmp_path)])
+    text = (tmp_path / "summary.txt").read_text()
+    assert capsys.readouterr().out == text  # printed as written
+    lines = text.splitlines()
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["T"] == 40 and config["seed"] == 0
-    out = capsys.readouterr().out
-    assert "exact MW" in out and "DPO on best/worst" in out
-    assert len(out.splitlines()) < 50                         # one screen
+    assert config["T"] == T and config["etas"] == [1 / np.sqrt(T), 1.0]
+    for g, P in GAMES.items():
+        assert np.allclose(config["games"][g], P, atol=1e-6)
+        nash = von_neumann_winner(P)
+        assert f"{g} ({np.count_nonzero(nash > 1e-6)}/{len(P)} in support, max {nash.max():.2f})" in lines[1]
+    tables = [n for n, line in enumerate(lines) if line.startswith("exploitability at T=")]
+    assert len(tables) == 2
+    for start, eta in zip(tables, config["etas"]):
+        rows = {line[:34].strip(): line[34:].replace("/", " ").split() for line in lines[start + 2:start + 9]}
+        for c, (g, P) in enumerate(GAMES.items()):
+            pi0 = 0.5 ** np.arange(len(P))
+            pi0 /= pi0.sum()
+            pis, played = [pi0], np.zeros(len(P))
+            for _ in range(T):
+                played += P @ pis[-1]
+                pi = pi0 * np.exp(eta * played)
+                pis.append(pi / pi.sum())
+            last = np.max(P @ pis[-1]) - 0.5
+            avg = np.max(P @ np.mean(pis[:-1], axis=0)) - 0.5
+            for method in ("exact MW (Eq. 4.1)", "fit, exact targets, true log Z"):
+                got = [float(x) for x in rows[method][2 * c:2 * c + 2]]
+                assert got == pytest.approx([last, avg], abs=6e-5), (g, eta, method)
+    drift = next(n for n, line in enumerate(lines) if line.startswith("one step from"))
+    for line in lines[drift + 3:drift + 6]:  # exact MW and the two exact-target fits stay at the winner
+        assert line.startswith(("exact MW", "fit, exact")) and all(float(x) == 0.0 for x in line[34:].split()), line
+    for line in lines[-3:-1]:
+        worst, bound = (float(x) for x in re.search(r"max ([-\d.e+]+) \(bound eta\^2/8 = ([\d.e+-]+)\)", line).groups())
+        assert 0 <= worst <= bound, line
+    for name in ("exploitability.png", "simplex_rps.png", "logz_bias.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert len(lines) < 50  # one screen
