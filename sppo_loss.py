@@ -139,7 +139,9 @@ def preference_loss(loss_type: str, *, logratios, win_rate, P, used, eta: float,
     wins = win_rate.gather(-1, used)  # [B, R]: P(y > pi_t | x) of the trained responses
     if loss_type == "sppo_all":
         loss, targets = sppo_all_loss(logratios, wins, eta), sppo_target(wins, eta)
-    else:  # a pair loss on (y_w, y_l) = (best, worst)
+        chosen, rejected = best_and_worst(wins)  # positions in R (here R = K)
+    else:  # a pair loss on (y_w, y_l) = (best, worst): positions 0 and 1
+        chosen, rejected = torch.zeros_like(rows), torch.ones_like(rows)
         logratio_w, logratio_l = logratios[:, 0], logratios[:, 1]
         if loss_type == "sppo":
             loss, targets = sppo_pair_loss(logratio_w, logratio_l, wins[:, 0], wins[:, 1], eta), sppo_target(wins, eta)
@@ -155,10 +157,6 @@ def preference_loss(loss_type: str, *, logratios, win_rate, P, used, eta: float,
             targets = torch.full_like(logratios, float("nan"))
         else:
             raise ValueError(f"unknown loss_type {loss_type!r}; choose from {LOSS_TYPES}")
-    if loss_type == "sppo_all":  # positions in R of the chosen and rejected response
-        chosen, rejected = best_and_worst(wins)
-    else:
-        chosen, rejected = torch.zeros_like(rows), torch.ones_like(rows)
     preferred = wins[rows, chosen] > wins[rows, rejected]
     logratio_chosen, logratio_rejected = logratios[rows, chosen], logratios[rows, rejected]
     return loss, {"logratio_chosen": logratio_chosen, "logratio_rejected": logratio_rejected,

@@ -306,8 +306,9 @@ def padded_share(indices, rank, world):
 # gathered. (A checkpoint holds the fp32 parameters and the optimizer state: RMSprop keeps one
 # tensor per parameter (square_avg), so 2 x 4 bytes x 7.24B = 58 GB for Mistral-7B (AdamW keeps
 # two: 87 GB); full state dicts would collect all of it on rank 0's CPU at every save.) The RNG
-# states are per rank, one small file each; step and scheduler are written by rank 0. A checkpoint is written to step-N.tmp and renamed to
-# step-N when complete, so a run killed mid-save leaves the previous checkpoint intact.
+# states are per rank, one small file each; step and scheduler are written by rank 0. A checkpoint
+# is written to step-N.tmp and renamed to step-N when complete, so a run killed mid-save leaves the
+# previous checkpoint intact.
 
 
 def barrier():
