@@ -85,12 +85,12 @@ def main(argv=None):
     watch_launcher()
     rank, world, local_rank = dist_env()
     device = args.judge_device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    judges = []
+    built = []  # the judge, once built
 
     def work(shard):  # the judge is built only by a rank that has work left
-        judges.append(make_judge(args.judge, args.judge_path, p_mode=args.p_mode, max_length=args.judge_max_length,
-                                 batch_size=args.judge_batch_size, device=device))
-        return rank_records(shard, judges[0], args.batch_size, desc="rank" if world == 1 else f"rank {rank}/{world}",
+        built.append(make_judge(args.judge, args.judge_path, p_mode=args.p_mode, max_length=args.judge_max_length,
+                                batch_size=args.judge_batch_size, device=device))
+        return rank_records(shard, built[0], args.batch_size, desc="rank" if world == 1 else f"rank {rank}/{world}",
                             judge_text=judge_text)
     try:  # every rank checks paths, judge and the whole file, so bad input stops all ranks alike, before any work
         check_output(args.out)
@@ -107,8 +107,8 @@ def main(argv=None):
         run_sharded(records, args.out, work, config=dict(vars(args), judge_path=path_stamp(args.judge_path or "")))
     except InputError as e:
         fail_with(e)
-    if judges and getattr(judges[0], "cut", 0):
-        print(f"note: {judges[0].cut} of {judges[0].seen} responses were longer than the judge's limit; "
+    if built and getattr(built[0], "cut", 0):
+        print(f"note: {built[0].cut} of {built[0].seen} responses were longer than the judge's limit; "
               "it judged their first part", file=sys.stderr)
 
 
