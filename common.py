@@ -1,7 +1,9 @@
 """Helpers every stage shares: checked JSONL I/O, atomic writes, chat templating, log-probs,
 and the split of a stage's records over torchrun's processes.
 
-Kept small on purpose: one place for each idea that more than one stage needs.
+Kept small on purpose: one place for each idea that more than one stage needs. torch, transformers
+and datasets are imported in the functions that use them: importing this module takes
+milliseconds, so iterate.py and sweep.py check their command line before torch loads (~3 s).
 """
 import argparse
 import functools
@@ -18,9 +20,6 @@ import threading
 import time
 import weakref
 from pathlib import Path
-
-import torch
-import torch.nn.functional as F
 
 
 # ---- errors and checked JSONL ----------------------------------------------------------------
@@ -284,6 +283,7 @@ def write_json(path, obj):
 def run_info(config: dict) -> dict:
     """What a run directory records: the full config, seeds in it, library versions, host."""
     import tokenizers
+    import torch
     import transformers
     versions = {"python": platform.python_version(), "torch": torch.__version__,
                 "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
@@ -401,9 +401,11 @@ def load_tokenizer(model_dir):
     return tok
 
 
-def load_model(model_dir, dtype=torch.float32, device="cpu"):
-    """An HF causal LM from a directory or hub name; safetensors only, no remote code."""
+def load_model(model_dir, dtype=None, device="cpu"):
+    """An HF causal LM from a directory or hub name (float32 unless `dtype`); safetensors only, no remote code."""
+    import torch
     from transformers import AutoModelForCausalLM
+    dtype = torch.float32 if dtype is None else dtype
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
     return model.to(device)
 
@@ -571,6 +573,7 @@ def collate(pairs, pad_id, padding_side="split"):
     response_mask (1 on response tokens) and position_ids that count real tokens only, so every
     layout gives the same logits.
     """
+    import torch
     if padding_side == "split":
         width = max(len(p) for p, _ in pairs)
         pairs = [([pad_id] * (width - len(p)) + list(p), r, width - len(p)) for p, r in pairs]
@@ -591,7 +594,7 @@ def collate(pairs, pad_id, padding_side="split"):
             "response_mask": response_mask, "position_ids": position_ids}
 
 
-def sequence_logps(model, batch) -> torch.Tensor:
+def sequence_logps(model, batch):
     """Summed log pi(response | prompt) per sequence: batch from `collate` -> [N] (fp32).
 
     Token t is scored from position t-1; a target counts only if it is a response token and
@@ -599,6 +602,8 @@ def sequence_logps(model, batch) -> torch.Tensor:
     runs only from the first position that predicts a response token (`logits_to_keep`), and
     log-softmax only at the positions that count (cross_entropy: log-softmax and gather fused).
     """
+    import torch
+    import torch.nn.functional as F
     predicts = (batch["response_mask"][:, 1:] * batch["attention_mask"][:, :-1]).bool()  # [N, L-1]: t predicts t+1
     first = int(predicts.any(0).int().argmax())  # 0 if no response token at all: then nothing counts
     keep = predicts.shape[1] - first + 1  # positions first .. L-1; the last one predicts nothing
