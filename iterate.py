@@ -289,14 +289,15 @@ def main(argv=None):
     world, world_module = None, None
     if args.model is None:  # a built-in world: model, prompts, judge and evaluator built here
         world_module = importlib.import_module(args.preset)
-        t0 = time.time()
-        if not args.dry_run:
+        if args.dry_run:
+            world = world_module.world_paths(run_dir / "world")
+        else:
+            t0 = time.time()
             run_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            world = world_module.build_world(run_dir / "world", seed=args.seed, build=not args.dry_run)
-        except InputError as e:
-            fail_with(e)
-        if not args.dry_run:
+            try:
+                world = world_module.build_world(run_dir / "world", seed=args.seed)
+            except InputError as e:
+                fail_with(e)
             log_time(timings, t0, iteration=0, stage="build_world")
         args.model, args.prompts = str(world["model"]), str(world["train_prompts"])
         args.judge, args.judge_path = world["judge"], world["judge_path"] and str(world["judge_path"])

@@ -56,17 +56,23 @@ def make_prompts():
     return train, held_out
 
 
-def build_world(out_dir, seed=0, build=True):
-    """The world's files in out_dir (the model stays in the converted-model cache); returns paths
-    (only the paths if not `build`)."""
+def world_paths(out_dir):
+    """Where each part of the world is (the prompts in out_dir, the model in the converted-model
+    cache), and its judge."""
+    import gemma
+    out_dir = Path(out_dir)
+    return {"model": gemma.cache_root() / gemma.MODEL_DIR_NAME, "train_prompts": out_dir / "train_prompts.jsonl",
+            "eval_prompts": out_dir / "eval_prompts.jsonl", "judge": "sentiment:VaderJudge", "judge_path": None}
+
+
+def build_world(out_dir, seed=0):
+    """The world's files in out_dir, and the converted model; returns their paths."""
     import random
 
     import gemma
-    out_dir = Path(out_dir)
-    paths = {"model": gemma.converted_model_dir() if build else gemma.cache_root() / gemma.MODEL_DIR_NAME,
-             "train_prompts": out_dir / "train_prompts.jsonl", "eval_prompts": out_dir / "eval_prompts.jsonl",
-             "judge": "sentiment:VaderJudge", "judge_path": None}
-    if build and not paths["eval_prompts"].exists():
+    gemma.converted_model_dir()  # converted once per machine
+    paths = world_paths(out_dir)
+    if not paths["eval_prompts"].exists():
         train, held_out = make_prompts()
         random.Random(seed).shuffle(train)  # each iteration's slice mixes all training topics
         per_topic = EVAL_PROMPTS // len(EVAL_TOPICS)

@@ -134,14 +134,20 @@ def sft_base_model(model, tokenizer, records, steps=150, batch_prompts=64, lr=3e
     return loss.item()
 
 
-def build_world(out_dir, seed=0, sft_steps=150, build=True):
-    """Build (or reuse) the toy world in out_dir; returns its paths (only the paths if not `build`)."""
+def world_paths(out_dir):
+    """Where each part of the toy world is in out_dir (the one place that says so), and its judge."""
+    out_dir = Path(out_dir)
+    return {"model": out_dir / "base_model", "train_prompts": out_dir / "train_prompts.jsonl",
+            "eval_prompts": out_dir / "eval_prompts.jsonl", "world": out_dir / "world.json",
+            "judge": "toy:ToyJudge", "judge_path": out_dir / "world.json"}
+
+
+def build_world(out_dir, seed=0, sft_steps=150):
+    """Build (or reuse) the toy world in out_dir; returns its paths."""
     from transformers import LlamaConfig, LlamaForCausalLM
     out_dir = Path(out_dir)
-    paths = {"model": out_dir / "base_model", "train_prompts": out_dir / "train_prompts.jsonl",
-             "eval_prompts": out_dir / "eval_prompts.jsonl", "world": out_dir / "world.json",
-             "judge": "toy:ToyJudge", "judge_path": out_dir / "world.json"}
-    if (out_dir / "done").exists() or not build:
+    paths = world_paths(out_dir)
+    if (out_dir / "done").exists():
         return paths
     train, held_out = make_prompts()
     random.Random(seed).shuffle(train)
