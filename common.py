@@ -6,6 +6,8 @@ and datasets are imported in the functions that use them: importing this module 
 milliseconds, so iterate.py and sweep.py check their command line before torch loads (~3 s).
 """
 import argparse
+import contextlib
+import fcntl
 import functools
 import glob
 import hashlib
@@ -15,6 +17,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import sys
 import threading
 import time
@@ -270,6 +273,50 @@ def remove_stale_temporaries(path):
         pid = tmp.name[len(path.name) + 5:]
         if pid.isdigit() and not pid_alive(int(pid)):
             tmp.unlink(missing_ok=True)
+
+
+BUILT = "done"  # the file that marks a directory of build_once as complete
+
+
+@contextlib.contextmanager
+def build_once(out_dir):
+    """Build the directory out_dir once, however many processes try at the same time.
+
+    Yields None if out_dir is built already (it holds the file BUILT); else an empty temporary
+    directory next to it to build in, which becomes out_dir when the block ends without an error.
+    A lock file beside it makes a second builder wait for the first, then find out_dir built; the
+    kernel drops the lock of a killed builder, and the next one deletes its half-built directory.
+    An out_dir that holds files but no BUILT is refused, not replaced.
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / BUILT).exists():
+        yield None
+        return
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.with_name(f".{out_dir.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # waits while another process builds
+        if (out_dir / BUILT).exists():  # it did
+            yield None
+            return
+        if out_dir.exists() and any(out_dir.iterdir()):
+            raise InputError(f"{out_dir}: exists and holds no finished build (no {BUILT!r} file); "
+                             "delete it or give another directory")
+        for stale in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.tmp*"):  # a killed builder's
+            shutil.rmtree(stale)
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+        tmp.mkdir()
+        try:
+            yield tmp
+            (tmp / BUILT).write_text("ok\n")
+            os.replace(tmp, out_dir)  # onto nothing, or onto the empty directory checked above
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cache_root() -> Path:
+    """Where what is built once per machine lives (the converted real LM, the built-in worlds):
+    $SPPO_CACHE, else ~/.cache/sppo (outside the repo)."""
+    return Path(os.environ.get("SPPO_CACHE") or Path.home() / ".cache" / "sppo")
 
 
 def write_records(path, records):

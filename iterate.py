@@ -16,7 +16,9 @@ own type, choices and default (flags.py), and reaches that stage (`--dry-run` pr
 commands); all of them are checked before anything runs. A preset changes some defaults.
 """
 import argparse
+import hashlib
 import importlib
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -31,7 +33,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import flags
-from common import (InputError, atomic_write, check_model_path, checked_prompt_ids, fail_with, load_prompts, load_tokenizer,
+from common import (InputError, atomic_write, cache_root, check_model_path, checked_prompt_ids, fail_with, load_prompts, load_tokenizer,
                     model_context, nonneg_float, nonneg_int, positive_int, probability, prompt_text, read_records, run_info,
                     write_json, write_records)
 
@@ -142,6 +144,9 @@ def arg_parser():
     ap.add_argument("--eval_top_p", type=probability, default=0.9, help="of the --eval_prompts outputs")
     ap.add_argument("--eval_max_new_tokens", type=positive_int, default=2048, help="of the --eval_prompts outputs")
     ap.add_argument("--run_dir", help="default runs/{preset}-seed{seed}")
+    ap.add_argument("--world_dir", help="a built-in world's directory, built there once and reused; default: "
+                    "$SPPO_CACHE (else ~/.cache/sppo)/worlds/{preset}-seed{seed}-{hash of the world's code}, "
+                    "shared by every run of that world and seed")
     ap.add_argument("--iterations", type=positive_int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--preset", choices=sorted(PRESETS), help="default: toy without --model, else paper; "
@@ -163,8 +168,20 @@ def parse_args(argv=None):
         ap.error(f"--preset {args.preset} needs --model (only {', '.join(WORLDS)} bring their own)")
     if args.model is not None and not (args.prompts and args.judge):
         ap.error("with --model, give --prompts and --judge too")
+    if args.model is not None and args.world_dir:
+        ap.error("--world_dir is for the built-in worlds (no --model)")
     args.run_dir = Path(args.run_dir or f"runs/{args.preset}-seed{args.seed}")
     return args
+
+
+def default_world_dir(preset, seed):
+    """The cache directory of a built-in world: named by preset, seed and a hash of what builds it
+    (the world's module, common.py, torch, transformers and tokenizers versions), so runs and sweep
+    cells of one world and seed share it, and a change to that code builds a new one."""
+    code = b"".join((HERE / name).read_bytes() for name in (f"{preset}.py", "common.py"))
+    versions = [importlib.metadata.version(package) for package in ("torch", "transformers", "tokenizers")]
+    version = hashlib.sha256(code + repr(versions).encode()).hexdigest()[:12]
+    return cache_root() / "worlds" / f"{preset}-seed{seed}-{version}"
 
 
 def run(cmd, dry_run, timings=None, **where):
@@ -289,13 +306,14 @@ def main(argv=None):
     world, world_module = None, None
     if args.model is None:  # a built-in world: model, prompts, judge and evaluator built here
         world_module = importlib.import_module(args.preset)
+        args.world_dir = Path(args.world_dir or default_world_dir(args.preset, args.seed)).resolve()
         if args.dry_run:
-            world = world_module.world_paths(run_dir / "world")
+            world = world_module.world_paths(args.world_dir)
         else:
             t0 = time.time()
             run_dir.mkdir(parents=True, exist_ok=True)
             try:
-                world = world_module.build_world(run_dir / "world", seed=args.seed)
+                world = world_module.build_world(args.world_dir, seed=args.seed)
             except InputError as e:
                 fail_with(e)
             log_time(timings, t0, iteration=0, stage="build_world")

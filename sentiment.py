@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (InputError, collate, load_model, load_tokenizer, prompt_token_ids, response_token_ids,
+from common import (InputError, build_once, collate, load_model, load_tokenizer, prompt_token_ids, response_token_ids,
                     sequence_logps, write_json, write_records)
 from sppo_loss import prob_matrix_from_scores
 
@@ -66,20 +66,22 @@ def world_paths(out_dir):
 
 
 def build_world(out_dir, seed=0):
-    """The world's files in out_dir, and the converted model; returns their paths."""
+    """The world's prompt files in out_dir, written once (common.build_once), and the converted
+    model; returns their paths."""
     import random
 
     import gemma
     gemma.converted_model_dir()  # converted once per machine
-    paths = world_paths(out_dir)
-    if not paths["eval_prompts"].exists():
-        train, held_out = make_prompts()
-        random.Random(seed).shuffle(train)  # each iteration's slice mixes all training topics
-        per_topic = EVAL_PROMPTS // len(EVAL_TOPICS)
-        held_out = [r for topic in EVAL_TOPICS for r in [h for h in held_out if h["topic"] == topic][:per_topic]]
-        write_records(paths["train_prompts"], train)
-        write_records(paths["eval_prompts"], held_out)
-    return paths
+    with build_once(out_dir) as tmp:
+        if tmp is not None:
+            paths = world_paths(tmp)
+            train, held_out = make_prompts()
+            random.Random(seed).shuffle(train)  # each iteration's slice mixes all training topics
+            per_topic = EVAL_PROMPTS // len(EVAL_TOPICS)
+            held_out = [r for topic in EVAL_TOPICS for r in [h for h in held_out if h["topic"] == topic][:per_topic]]
+            write_records(paths["train_prompts"], train)
+            write_records(paths["eval_prompts"], held_out)
+    return world_paths(out_dir)
 
 
 # ---- judges ---------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import games
-from common import InputError, collate, load_model, load_tokenizer, prompt_token_ids, response_token_ids, sequence_logps, write_json, write_records
+from common import InputError, build_once, collate, load_model, load_tokenizer, prompt_token_ids, response_token_ids, sequence_logps, write_json, write_records
 
 FAMILIES = {  # category: (answers in roles A..E, kind)
     "fruit": (["apple", "pear", "plum", "fig", "lime"], "cyclic"),
@@ -143,12 +143,17 @@ def world_paths(out_dir):
 
 
 def build_world(out_dir, seed=0, sft_steps=150):
-    """Build (or reuse) the toy world in out_dir; returns its paths."""
+    """The toy world in out_dir, built there once (common.build_once: atomically, one builder at a
+    time; a built one is found, not rebuilt); returns its paths."""
+    with build_once(out_dir) as tmp:
+        if tmp is not None:
+            make_world(world_paths(tmp), seed, sft_steps)
+    return world_paths(out_dir)
+
+
+def make_world(paths, seed, sft_steps):
+    """Tokenizer, base model (fit to BASE_POLICY), prompt files and world.json, written to `paths`."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    out_dir = Path(out_dir)
-    paths = world_paths(out_dir)
-    if (out_dir / "done").exists():
-        return paths
     train, held_out = make_prompts()
     random.Random(seed).shuffle(train)
     corpus = [r["prompt"] for r in train + held_out] + [" ".join(a) for a, _ in FAMILIES.values()] * 20
@@ -167,8 +172,6 @@ def build_world(out_dir, seed=0, sft_steps=150):
              "base_policy": BASE_POLICY, "seed": seed, "sft_final_loss": loss,
              "parameters": sum(p.numel() for p in model.parameters())}
     write_json(paths["world"], world)
-    (out_dir / "done").write_text("ok\n")
-    return paths
 
 
 # ---- the judge --------------------------------------------------------------------------------
