@@ -5,10 +5,11 @@
     python iterate.py --model DIR ... --nproc_per_node 8                # every stage on the 8 GPUs of one node
 
 Iteration t works on the t-th of T equal slices of the prompts (each prompt used once) and
-starts from the model the previous iteration trained. Every stage runs as its own process and
-writes its output atomically; a stage whose output exists is skipped, so a killed run resumes
-where it stopped when the same command is run again (training itself continues from its last
-checkpoint, see train.py). The run directory keeps the full config, seeds and library versions
+starts from the model the previous iteration trained. Each stage runs as its own process (on
+GPUs; under torchrun) or, with one process and no GPU, in this one (`--in_process`: its
+main(argv), without another ~3-5 s of imports). It writes its output atomically; a stage whose
+output exists is skipped, so a killed run resumes where it stopped when the same command is run
+again (training itself continues from its last checkpoint, see train.py). The run directory keeps the full config, seeds and library versions
 (config.json), every stage's JSONL and every iteration's model.
 
 Every flag of generate.py, rank.py and train.py is a flag of iterate.py too, with the stage's
@@ -16,6 +17,7 @@ own type, choices and default (flags.py), and reaches that stage (`--dry-run` pr
 commands); all of them are checked before anything runs. A preset changes some defaults.
 """
 import argparse
+import gc
 import hashlib
 import importlib
 import importlib.metadata
@@ -78,7 +80,7 @@ for _name, _model, _own in [("mistral-7b", "mistralai/Mistral-7B-Instruct-v0.2",
     PRESETS[_name] = dict(PRESETS["paper"], model=_model, prompts=OFFICIAL_PROMPTS, judge="pairrm", p_mode="scores",
                           judge_prompt="template", backend="vllm", **_own)
 # settings a run directory can be resumed with when they change: how the work runs, not what it computes
-RESUME_FREE = ("dry_run", "nproc_per_node", "run_dir", "save_every")
+RESUME_FREE = ("dry_run", "nproc_per_node", "run_dir", "save_every", "in_process")
 
 
 def stage_flags():
@@ -153,6 +155,10 @@ def arg_parser():
                     "toy and sentiment without --model: that built-in world")
     ap.add_argument("--nproc_per_node", type=positive_int, default=1,
                     help="processes per stage, e.g. one per GPU; > 1: each stage runs under torchrun")
+    ap.add_argument("--in_process", action=argparse.BooleanOptionalAction, default=None,
+                    help="run each stage's main() in this process, not a process of its own (default: so with one "
+                         "process and no GPU, where it saves each stage's ~3-5 s of imports; apart on GPUs, so "
+                         "that vLLM's and training's memory are freed between stages, and under torchrun)")
     ap.add_argument("--dry-run", dest="dry_run", action="store_true", help="print config and commands only")
     add_stage_flags(ap)
     return ap
@@ -168,10 +174,20 @@ def parse_args(argv=None):
         ap.error(f"--preset {args.preset} needs --model (only {', '.join(WORLDS)} bring their own)")
     if args.model is not None and not (args.prompts and args.judge):
         ap.error("with --model, give --prompts and --judge too")
+    if args.in_process and (args.nproc_per_node > 1 or args.backend == "vllm"):
+        ap.error("--in_process needs --nproc_per_node 1 and --backend hf")
     if args.model is not None and args.world_dir:
         ap.error("--world_dir is for the built-in worlds (no --model)")
     args.run_dir = Path(args.run_dir or f"runs/{args.preset}-seed{args.seed}")
     return args
+
+
+def stages_in_process(args):
+    """--in_process as given, else: with one process and no GPU (see its help)."""
+    if args.in_process is not None:
+        return args.in_process
+    import torch
+    return args.nproc_per_node == 1 and args.backend == "hf" and not torch.cuda.is_available()
 
 
 def default_world_dir(preset, seed):
@@ -184,23 +200,63 @@ def default_world_dir(preset, seed):
     return cache_root() / "worlds" / f"{preset}-seed{seed}-{version}"
 
 
-def run(cmd, dry_run, timings=None, **where):
-    """Run one stage; its wall time and peak memory go to `timings` (a JSONL file) with `where`."""
+def run(cmd, dry_run, timings=None, in_process=False, **where):
+    """Run one stage: as its own process, or `in_process` (its main(argv) called here). Its wall
+    time and peak memory go to `timings` (a JSONL file) with `where`."""
     print("+ " + " ".join(str(c) for c in cmd), flush=True)
-    if not dry_run:
-        t0 = time.time()
-        # the stage (and each torchrun rank) exits when this process is gone (common.watch_launcher)
-        proc = subprocess.Popen([str(c) for c in cmd], cwd=HERE, env=dict(os.environ, SPPO_LAUNCHER_PID=str(os.getpid())))
-        peak = 0
-        while proc.poll() is None:  # (a child's ru_maxrss would include this process's RSS at fork)
-            peak = max(peak, peak_rss_kib(proc.pid))
-            time.sleep(0.5)
-        if proc.returncode:  # the stage said why; no traceback of ours on top
-            script = next(Path(str(c)).name for c in cmd if str(c).endswith(".py"))
-            print(f"error: iteration {where['iteration']}: {script} exited with code {proc.returncode}", file=sys.stderr)
-            sys.exit(proc.returncode)
-        if timings is not None:
-            log_time(timings, t0, peak_rss_gb=round(peak / 2**20, 2), **where)
+    if dry_run:
+        return
+    t0 = time.time()
+    script = next(Path(str(c)) for c in cmd if str(c).endswith(".py"))
+    code, peak = run_here(script, cmd[cmd.index(script) + 1:]) if in_process else run_process(cmd)
+    if code:  # the stage said why; no traceback of ours on top
+        print(f"error: iteration {where['iteration']}: {script.name} exited with code {code}", file=sys.stderr)
+        sys.exit(code)
+    if timings is not None:
+        log_time(timings, t0, peak_rss_gb=round(peak / 2**20, 2) if peak else None, **where)
+
+
+def run_process(cmd):
+    """The stage as its own process (or torchrun's): (exit code, peak RSS in KiB)."""
+    # the stage (and each torchrun rank) exits when this process is gone (common.watch_launcher)
+    proc = subprocess.Popen([str(c) for c in cmd], env=dict(os.environ, SPPO_LAUNCHER_PID=str(os.getpid())))
+    peak = 0
+    while proc.poll() is None:  # (a child's ru_maxrss would include this process's RSS at fork)
+        peak = max(peak, peak_rss_kib(proc.pid))
+        time.sleep(0.5)
+    return proc.returncode, peak
+
+
+def run_here(script, argv):
+    """The stage's main(argv) in this process: (exit code, peak RSS in KiB, 0 if unknown). What a
+    stage could leave behind is put back: sys.argv (run_info records the stage's own), and the
+    global RNG states (train.py seeds them; the subprocess path starts each stage afresh)."""
+    import random
+
+    import torch
+    module = importlib.import_module(script.stem)
+    saved = sys.argv, torch.get_rng_state(), random.getstate()
+    sys.argv = [str(script)] + [str(a) for a in argv]
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # peak RSS from here on (Linux)
+    except OSError:
+        pass
+    try:
+        module.main(sys.argv[1:])
+        code = 0
+    except SystemExit as e:  # fail_with's exit 2 after its one line, or sys.exit(message)
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except InputError as e:  # a stage that left it uncaught: still one line
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        code = 2
+    finally:
+        sys.argv = saved[0]
+        torch.set_rng_state(saved[1])
+        random.setstate(saved[2])
+        gc.collect()  # the stage's model is garbage now: free it before the next stage loads one
+    return code, peak_rss_kib(os.getpid())
 
 
 def peak_rss_kib(pid) -> int:
@@ -300,6 +356,7 @@ def split_prompts(records, parts):
 def main(argv=None):
     args = parse_args(argv)  # every flag and choice checked here, before torch loads
     from rank import judge_factory
+    args.in_process = stages_in_process(args)
     run_dir = args.run_dir.resolve()
     timings = run_dir / "timings.jsonl"  # wall time of every stage run, appended (a resumed run adds its own)
     start = time.time()
@@ -337,7 +394,7 @@ def main(argv=None):
 
     def stage(script, t, step=None, **given):  # a stage of iteration t: `given` flags, the others as resolved here
         run(launcher(args.nproc_per_node) + [HERE / f"{script}.py"] + stage_argv(script, args, **given), args.dry_run,
-            timings, iteration=t, stage=step or script)
+            timings, args.in_process, iteration=t, stage=step or script)
 
     def export(t, model_dir):  # outputs of pi_t on the eval prompts, for alpaca_eval
         out = run_dir / f"iter{t}" / "eval_responses.jsonl"
