@@ -9,12 +9,14 @@ starts from the model the previous iteration trained. Each stage runs as its own
 GPUs; under torchrun) or, with one process and no GPU, in this one (`--in_process`: its
 main(argv), without another ~3-5 s of imports). It writes its output atomically; a stage whose
 output exists is skipped, so a killed run resumes where it stopped when the same command is run
-again (training itself continues from its last checkpoint, see train.py). The run directory keeps the full config, seeds and library versions
-(config.json), every stage's JSONL and every iteration's model.
+again (training itself continues from its last checkpoint, see train.py). The run directory
+keeps the full config, seeds and library versions (config.json), every stage's JSONL and every
+iteration's model.
 
 Every flag of generate.py, rank.py and train.py is a flag of iterate.py too, with the stage's
-own type, choices and default (flags.py), and reaches that stage (`--dry-run` prints the
-commands); all of them are checked before anything runs. A preset changes some defaults.
+own type, choices and default (flags.py), and reaches that stage; all of them are checked before
+anything runs. The defaults below are the stages' own; a preset (toy without --model, paper with
+one) changes some: --dry-run prints the values a run gets and every command.
 """
 import argparse
 import gc
@@ -104,7 +106,7 @@ def add_stage_flags(ap):
             if name is not None:
                 users.setdefault(name, ([], action))[0].append(f"{stage}.py")
     for name, (stages, action) in users.items():
-        help_text = f"{', '.join(stages)}: {action.help or ''} (default: %(default)s)"
+        help_text = ", ".join(stages) + (f": {action.help}" if action.help else "") + " (default: %(default)s)"
         if isinstance(action, argparse.BooleanOptionalAction):
             ap.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=action.default, help=help_text)
         else:
@@ -228,7 +230,7 @@ def run_process(cmd):
 
 
 def run_here(script, argv):
-    """The stage's main(argv) in this process: (exit code, peak RSS in KiB, 0 if unknown). What a
+    """The stage's main(argv) in this process: (exit code, peak RSS in KiB since it began). What a
     stage could leave behind is put back: sys.argv (run_info records the stage's own), and the
     global RNG states (train.py seeds them; the subprocess path starts each stage afresh)."""
     import random
