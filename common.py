@@ -1,9 +1,13 @@
 """Helpers every stage shares: checked JSONL I/O, atomic writes, chat templating, log-probs,
 and the split of a stage's records over torchrun's processes.
 
-Kept small on purpose: one place for each idea that more than one stage needs.
+Kept small on purpose: one place for each idea that more than one stage needs. torch, transformers
+and datasets are imported in the functions that use them: importing this module takes
+milliseconds, so iterate.py and sweep.py check their command line before torch loads (~3 s).
 """
 import argparse
+import contextlib
+import fcntl
 import functools
 import glob
 import hashlib
@@ -13,14 +17,12 @@ import math
 import os
 import platform
 import re
+import shutil
 import sys
 import threading
 import time
 import weakref
 from pathlib import Path
-
-import torch
-import torch.nn.functional as F
 
 
 # ---- errors and checked JSONL ----------------------------------------------------------------
@@ -274,6 +276,50 @@ def remove_stale_temporaries(path):
             tmp.unlink(missing_ok=True)
 
 
+BUILT = "done"  # the file that marks a directory of build_once as complete
+
+
+@contextlib.contextmanager
+def build_once(out_dir):
+    """Build the directory out_dir once, however many processes try at the same time.
+
+    Yields None if out_dir is built already (it holds the file BUILT); else an empty temporary
+    directory next to it to build in, which becomes out_dir when the block ends without an error.
+    A lock file beside it makes a second builder wait for the first, then find out_dir built; the
+    kernel drops the lock of a killed builder, and the next one deletes its half-built directory.
+    An out_dir that holds files but no BUILT is refused, not replaced.
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / BUILT).exists():
+        yield None
+        return
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.with_name(f".{out_dir.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # waits while another process builds
+        if (out_dir / BUILT).exists():  # it did
+            yield None
+            return
+        if out_dir.exists() and any(out_dir.iterdir()):
+            raise InputError(f"{out_dir}: exists and holds no finished build (no {BUILT!r} file); "
+                             "delete it or give another directory")
+        for stale in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.tmp*"):  # a killed builder's
+            shutil.rmtree(stale)
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+        tmp.mkdir()
+        try:
+            yield tmp
+            (tmp / BUILT).write_text("ok\n")
+            os.replace(tmp, out_dir)  # onto nothing, or onto the empty directory checked above
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cache_root() -> Path:
+    """Where what is built once per machine lives (the converted real LM, the built-in worlds):
+    $SPPO_CACHE, else ~/.cache/sppo (outside the repo)."""
+    return Path(os.environ.get("SPPO_CACHE") or Path.home() / ".cache" / "sppo")
+
+
 def write_records(path, records):
     atomic_write(path, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
@@ -285,6 +331,7 @@ def write_json(path, obj):
 def run_info(config: dict) -> dict:
     """What a run directory records: the full config, seeds in it, library versions, host."""
     import tokenizers
+    import torch
     import transformers
     versions = {"python": platform.python_version(), "torch": torch.__version__,
                 "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
@@ -402,9 +449,11 @@ def load_tokenizer(model_dir):
     return tok
 
 
-def load_model(model_dir, dtype=torch.float32, device="cpu"):
-    """An HF causal LM from a directory or hub name; safetensors only, no remote code."""
+def load_model(model_dir, dtype=None, device="cpu"):
+    """An HF causal LM from a directory or hub name (float32 unless `dtype`); safetensors only, no remote code."""
+    import torch
     from transformers import AutoModelForCausalLM
+    dtype = torch.float32 if dtype is None else dtype
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
     return model.to(device)
 
@@ -572,6 +621,7 @@ def collate(pairs, pad_id, padding_side="split"):
     response_mask (1 on response tokens) and position_ids that count real tokens only, so every
     layout gives the same logits.
     """
+    import torch
     if padding_side == "split":
         width = max(len(p) for p, _ in pairs)
         pairs = [([pad_id] * (width - len(p)) + list(p), r, width - len(p)) for p, r in pairs]
@@ -592,7 +642,7 @@ def collate(pairs, pad_id, padding_side="split"):
             "response_mask": response_mask, "position_ids": position_ids}
 
 
-def sequence_logps(model, batch) -> torch.Tensor:
+def sequence_logps(model, batch):
     """Summed log pi(response | prompt) per sequence: batch from `collate` -> [N] (fp32).
 
     Token t is scored from position t-1; a target counts only if it is a response token and
@@ -600,6 +650,8 @@ def sequence_logps(model, batch) -> torch.Tensor:
     runs only from the first position that predicts a response token (`logits_to_keep`), and
     log-softmax only at the positions that count (cross_entropy: log-softmax and gather fused).
     """
+    import torch
+    import torch.nn.functional as F
     predicts = (batch["response_mask"][:, 1:] * batch["attention_mask"][:, :-1]).bool()  # [N, L-1]: t predicts t+1
     first = int(predicts.any(0).int().argmax())  # 0 if no response token at all: then nothing counts
     keep = predicts.shape[1] - first + 1  # positions first .. L-1; the last one predicts nothing

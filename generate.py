@@ -17,7 +17,6 @@ processes gives the same samples (the merged output of N processes equals one pr
 This uses HF `generate` in greedy mode with a logits processor that adds Gumbel noise to the
 tempered, filtered logits: the argmax of logits/T + Gumbel is an exact sample from softmax(logits/T).
 """
-import argparse
 import contextlib
 import hashlib
 import os
@@ -25,9 +24,10 @@ import os
 import torch
 from tqdm import tqdm
 
-from common import (PROMPT_FORMATS, InputError, check_model_path, check_output, checked_prompt_ids, dist_env, fail_with, load_model,
-                    load_tokenizer, model_context, nonneg_float, nonneg_int, path_stamp, positive_int, probability,
-                    prompt_token_ids, read_records, response_end_ids, run_info, run_sharded, watch_launcher, write_json)
+from common import (InputError, check_model_path, check_output, checked_prompt_ids, dist_env, fail_with, load_model,
+                    load_tokenizer, model_context, path_stamp, prompt_token_ids, read_records, response_end_ids, run_info,
+                    run_sharded, watch_launcher, write_json)
+from flags import generate_parser
 
 
 def row_seed(seed: int, prompt_id, k: int) -> int:
@@ -175,25 +175,7 @@ def prepare_vllm_process(local_rank, world, tensor_parallel_size):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="HF model directory (or hub name) of pi_t")
-    ap.add_argument("--prompts", required=True, help="JSONL with id and prompt")
-    ap.add_argument("--out", required=True, help="JSONL to write")
-    ap.add_argument("--K", type=positive_int, default=5, help="samples per prompt (paper: 5)")
-    ap.add_argument("--temperature", type=nonneg_float, default=1.0, help="paper 1.0, official code 0.7; 0 = greedy")
-    ap.add_argument("--top_p", type=probability, default=1.0, help="paper 1.0, official code 0.9")
-    ap.add_argument("--top_k", type=nonneg_int, default=0, help="0 = no top-k filter")
-    ap.add_argument("--max_new_tokens", type=positive_int, default=512)
-    ap.add_argument("--prompt_format", default="auto", choices=PROMPT_FORMATS,
-                    help="chat: the chat template; plain: BOS + prompt text, the response continues it (base "
-                         "models); auto: chat if the tokenizer has a template")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch_size", type=positive_int, default=16, help="prompts per generate call (x K rows)")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                    help="auto: bfloat16 on GPU, float32 on CPU")
-    ap.add_argument("--backend", default="hf", choices=["hf", "vllm"], help="vllm: GPUs, requirements-vllm.txt")
-    ap.add_argument("--tensor_parallel_size", type=positive_int, default=1, help="vllm: GPUs per engine")
-    args = ap.parse_args(argv)
+    args = generate_parser(__doc__).parse_args(argv)  # the flags: flags.py
     watch_launcher()
     rank, world, local_rank = dist_env()
     try:  # every rank checks paths and the whole file, so bad input stops all ranks alike, before any work

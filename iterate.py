@@ -5,14 +5,24 @@
     python iterate.py --model DIR ... --nproc_per_node 8                # every stage on the 8 GPUs of one node
 
 Iteration t works on the t-th of T equal slices of the prompts (each prompt used once) and
-starts from the model the previous iteration trained. Every stage runs as its own process and
-writes its output atomically; a stage whose output exists is skipped, so a killed run resumes
-where it stopped when the same command is run again (training itself continues from its last
-checkpoint, see train.py). The run directory keeps the full config, seeds and library versions
-(config.json), every stage's JSONL and every iteration's model.
+starts from the model the previous iteration trained. Each stage runs as its own process (on
+GPUs; under torchrun) or, with one process and no GPU, in this one (`--in_process`: its
+main(argv), without another ~3-5 s of imports). It writes its output atomically; a stage whose
+output exists is skipped, so a killed run resumes where it stopped when the same command is run
+again (training itself continues from its last checkpoint, see train.py). The run directory
+keeps the full config, seeds and library versions (config.json), every stage's JSONL and every
+iteration's model.
+
+Every flag of generate.py, rank.py and train.py is a flag of iterate.py too, with the stage's
+own type, choices and default (flags.py), and reaches that stage; all of them are checked before
+anything runs. The defaults below are the stages' own; a preset (toy without --model, paper with
+one) changes some: --dry-run prints the values a run gets and every command.
 """
 import argparse
+import gc
+import hashlib
 import importlib
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -26,31 +36,37 @@ from pathlib import Path
 # 5). Set before torch loads libgomp; every stage process inherits it; a user's setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from common import (PROMPT_FORMATS, InputError, atomic_write, check_model_path, checked_prompt_ids, fail_with, finite_float,
-                    load_prompts, load_tokenizer, model_context, nonneg_float, nonneg_int, positive_int, probability,
-                    prompt_text, read_records, run_info, write_json, write_records)
+import flags
+from common import (InputError, atomic_write, cache_root, check_model_path, checked_prompt_ids, fail_with, load_prompts, load_tokenizer,
+                    model_context, nonneg_float, nonneg_int, positive_int, probability, prompt_text, read_records, run_info,
+                    write_json, write_records)
 
 HERE = Path(__file__).resolve().parent
 
-# Settings that differ between the embedded toy world and a real model; a flag overrides them.
+# The stage flags iterate.py sets itself, per iteration (paths, the iteration's model, the seed);
+# every other stage flag is a flag of iterate.py too (stage_flags).
+PLUMBING = {"generate": ("model", "prompts", "out", "seed"), "rank": ("responses", "out", "template_model"),
+            "train": ("model", "ranked", "out", "seed")}
+# Two stages' flags of one name and two meanings get the stage's name here; a flag of one name
+# and one meaning in two stages (--prompt_format, --dtype) is one flag that goes to both.
+RENAMED = {("generate", "batch_size"): "generate_batch_size", ("rank", "batch_size"): "rank_batch_size"}
+
+# Each default is declared once: a stage flag's in its stage's parser (flags.py: the paper's
+# values), iterate.py's own flags' in parse_args. A preset lists only what it changes from those
+# (tests/test_flags.py checks that none restates a default); a flag given on the command line wins.
 PRESETS = {
-    # The paper's and official code's values (section 5; official scripts).
-    # Generation allows 2048 new tokens (scripts/generate.py), training cuts to max_length 1024
-    # (train.py counts the cuts); gradient checkpointing as recipes/uclaml-sppo/config_full.yaml;
-    # the AlpacaEval outputs decoded as models_configs/*/configs.yaml (T 0.7, top_p 0.9, 2048).
-    "paper": dict(K=5, temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=2048, eta=1000.0, lr=5e-7,
-                  lr_schedule="linear", epochs=1, global_batch=64, micro_batch=8, max_prompt_length=512,
-                  max_length=1024, prompts_per_iteration=0, grad_checkpointing=True, judge_prompt="plain",
-                  eval_temperature=0.7, eval_top_p=0.9, eval_max_new_tokens=2048),
+    # The official scripts' values where they differ from the paper's (the stage defaults):
+    # generation at T 0.7, top_p 0.9 with 2048 new tokens (scripts/generate.py), training cut to
+    # max_length 1024 (train.py counts the cuts); gradient checkpointing as
+    # recipes/uclaml-sppo/config_full.yaml; AlpacaEval outputs decoded as models_configs/*/configs.yaml
+    # (iterate.py's --eval_* defaults).
+    "paper": dict(temperature=0.7, top_p=0.9, max_new_tokens=2048, grad_checkpointing=True),
     # The toy world: see NOTES.md for why eta=10, lr=1e-4 and 5 epochs.
-    "toy": dict(K=5, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=16, eta=10.0, lr=1e-4,
-                lr_schedule="constant", epochs=5, global_batch=32, micro_batch=8, max_prompt_length=64,
-                max_length=96, grad_checkpointing=False, judge_prompt="plain",
-                eval_temperature=0.0, eval_top_p=1.0, eval_max_new_tokens=16),
+    "toy": dict(max_new_tokens=16, eta=10.0, lr=1e-4, lr_schedule="constant", epochs=5, global_batch=32,
+                max_prompt_length=64, max_length=96, eval_temperature=0.0, eval_top_p=1.0, eval_max_new_tokens=16),
     # The real-LM world (Gemma-3-270M, VADER): see NOTES.md for the search behind these values.
-    "sentiment": dict(K=4, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=20, eta=10.0, lr=1e-6,
-                      lr_schedule="constant", epochs=2, global_batch=8, micro_batch=4, max_prompt_length=64,
-                      max_length=96, prompts_per_iteration=64, grad_checkpointing=False, judge_prompt="plain",
+    "sentiment": dict(K=4, max_new_tokens=20, eta=10.0, lr=1e-6, lr_schedule="constant", epochs=2, global_batch=8,
+                      micro_batch=4, max_prompt_length=64, max_length=96, prompts_per_iteration=64,
                       eval_temperature=0.0, eval_top_p=1.0, eval_max_new_tokens=20),
 }
 # Presets that bring their own model, prompts, judge and evaluator (a module with build_world and
@@ -60,84 +76,189 @@ WORLDS = ("toy", "sentiment")
 # prompt sets, one per iteration, PairRM with its aggregated scores reading the chat-templated
 # prompt (scripts/rank.py), and the paper's training values.
 OFFICIAL_PROMPTS = ",".join(f"UCLA-AGI/data-mistral-7b-instruct-sppo-iter{i}" for i in (1, 2, 3))
-for _name, _model, _micro in [("mistral-7b", "mistralai/Mistral-7B-Instruct-v0.2", 8),
-                              ("llama-3-8b", "meta-llama/Meta-Llama-3-8B-Instruct", 8),
-                              ("gemma-2-9b", "google/gemma-2-9b-it", 4)]:
+for _name, _model, _own in [("mistral-7b", "mistralai/Mistral-7B-Instruct-v0.2", {}),
+                            ("llama-3-8b", "meta-llama/Meta-Llama-3-8B-Instruct", {}),
+                            ("gemma-2-9b", "google/gemma-2-9b-it", {"micro_batch": 4})]:
     PRESETS[_name] = dict(PRESETS["paper"], model=_model, prompts=OFFICIAL_PROMPTS, judge="pairrm", p_mode="scores",
-                          judge_prompt="template", backend="vllm", micro_batch=_micro)
-# the stages' own checks of these flags, applied here so a bad value stops the run before any work
-FLAG_TYPES = dict(K=positive_int, temperature=nonneg_float, top_p=probability, top_k=nonneg_int,
-                  max_new_tokens=positive_int, eta=finite_float, lr=nonneg_float, epochs=positive_int,
-                  global_batch=positive_int, micro_batch=positive_int, max_prompt_length=positive_int,
-                  max_length=positive_int, prompts_per_iteration=nonneg_int, eval_temperature=nonneg_float,
-                  eval_top_p=probability, eval_max_new_tokens=positive_int)
+                          judge_prompt="template", backend="vllm", **_own)
 # settings a run directory can be resumed with when they change: how the work runs, not what it computes
-RESUME_FREE = ("dry_run", "nproc_per_node", "run_dir", "save_every")
+RESUME_FREE = ("dry_run", "nproc_per_node", "run_dir", "save_every", "in_process")
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def stage_flags():
+    """{stage: [(iterate.py's name or None for plumbing, the stage parser's action)]}, in the stage's order."""
+    out = {}
+    for stage, parser in flags.STAGE_PARSERS.items():
+        actions = [a for a in parser()._actions if a.option_strings and a.dest != "help"]
+        out[stage] = [(None if a.dest in PLUMBING[stage] else RENAMED.get((stage, a.dest), a.dest), a) for a in actions]
+    return out
+
+
+STAGE_FLAGS = stage_flags()
+
+
+def add_stage_flags(ap):
+    """Each stage flag (but plumbing) as a flag of iterate.py, once, with the stage's type, choices,
+    default and help. None is required here: the built-in worlds bring their own --judge."""
+    users = {}
+    for stage, pairs in STAGE_FLAGS.items():
+        for name, action in pairs:
+            if name is not None:
+                users.setdefault(name, ([], action))[0].append(f"{stage}.py")
+    for name, (stages, action) in users.items():
+        help_text = ", ".join(stages) + (f": {action.help}" if action.help else "") + " (default: %(default)s)"
+        if isinstance(action, argparse.BooleanOptionalAction):
+            ap.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=action.default, help=help_text)
+        else:
+            ap.add_argument(f"--{name}", type=action.type, choices=action.choices, default=action.default,
+                            metavar=action.metavar, help=help_text)
+
+
+def stage_argv(stage, args, **given):
+    """The stage's arguments in the stage's order: the flags `given` (paths, model, seed, and any
+    value set here), every other flag as resolved in `args`; a value None leaves its flag out."""
+    argv = []
+    for name, action in STAGE_FLAGS[stage]:
+        value = given[action.dest] if action.dest in given else getattr(args, name) if name else None
+        if value is None:
+            continue
+        if isinstance(action, argparse.BooleanOptionalAction):
+            argv.append(f"--{action.dest}" if value else f"--no-{action.dest}")
+        else:
+            argv += [f"--{action.dest}", value]
+    return argv
+
+
+def arg_parser():
+    """iterate.py's own flags, then every stage flag; a preset's values are set on top in parse_args."""
+    ap = flags.Parser(prog="iterate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="base model pi_0 (HF dir or hub name); default: the toy world")
     ap.add_argument("--prompts", help="JSONL file, saved dataset dir or hub dataset: split in --iterations "
                     "slices; or one comma-separated source per iteration")
     ap.add_argument("--prompt_split", default="train", help="dataset split of the prompt sources")
     ap.add_argument("--prompt_column", default="prompt", help="dataset column holding the prompt")
+    ap.add_argument("--prompts_per_iteration", type=nonneg_int, default=0,
+                    help="at most this many prompts of each iteration's slice (0: the whole slice)")
     ap.add_argument("--eval_prompts", help="held-out prompts (JSONL, or AlpacaEval's JSON list with 'instruction'): "
                     "one output per prompt and iteration in AlpacaEval format, decoded with --eval_temperature etc.")
     ap.add_argument("--eval_max", type=nonneg_int, default=805, help="at most this many eval prompts")
-    ap.add_argument("--judge", help="pairrm, reward or module:factory for rank.py")
-    ap.add_argument("--judge_path", help="what the judge loads")
-    ap.add_argument("--p_mode", help="pairrm: pairwise (the paper's P) or scores (official)")
-    ap.add_argument("--backend", help="generation: hf (default) or vllm")
-    ap.add_argument("--prompt_format", default="auto", choices=PROMPT_FORMATS,
-                    help="chat template, plain text (base models) or auto (chat if the tokenizer has a template)")
-    ap.add_argument("--run_dir", help="default runs/toy-seed{seed} for the toy world")
+    # AlpacaEval's own decoding of the official models (models_configs/*/configs.yaml); the other
+    # generation flags are the run's
+    ap.add_argument("--eval_temperature", type=nonneg_float, default=0.7, help="of the --eval_prompts outputs")
+    ap.add_argument("--eval_top_p", type=probability, default=0.9, help="of the --eval_prompts outputs")
+    ap.add_argument("--eval_max_new_tokens", type=positive_int, default=2048, help="of the --eval_prompts outputs")
+    ap.add_argument("--run_dir", help="default runs/{preset}-seed{seed}")
+    ap.add_argument("--world_dir", help="a built-in world's directory, built there once and reused; default: "
+                    "$SPPO_CACHE (else ~/.cache/sppo)/worlds/{preset}-seed{seed}-{hash of the world's code}, "
+                    "shared by every run of that world and seed")
     ap.add_argument("--iterations", type=positive_int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--preset", choices=sorted(PRESETS), help="default: toy without --model, else paper; "
                     "toy and sentiment without --model: that built-in world")
-    ap.add_argument("--loss_type", default="sppo")
-    ap.add_argument("--optimizer", default="rmsprop")
     ap.add_argument("--nproc_per_node", type=positive_int, default=1,
                     help="processes per stage, e.g. one per GPU; > 1: each stage runs under torchrun")
-    ap.add_argument("--save_every", type=nonneg_int, default=0, help="train.py: resumable checkpoint every N steps")
+    ap.add_argument("--in_process", action=argparse.BooleanOptionalAction, default=None,
+                    help="run each stage's main() in this process, not a process of its own (default: so with one "
+                         "process and no GPU, where it saves each stage's ~3-5 s of imports; apart on GPUs, so "
+                         "that vLLM's and training's memory are freed between stages, and under torchrun)")
     ap.add_argument("--dry-run", dest="dry_run", action="store_true", help="print config and commands only")
-    for key, value in PRESETS["paper"].items():
-        help_text = f"preset default (paper: {value}" + ("; 0 = the whole slice)" if key == "prompts_per_iteration" else ")")
-        if isinstance(value, bool):  # --grad_checkpointing / --no-grad_checkpointing
-            ap.add_argument(f"--{key}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            ap.add_argument(f"--{key}", type=FLAG_TYPES.get(key, type(value)), default=None, help=help_text)
+    add_stage_flags(ap)
+    return ap
+
+
+def parse_args(argv=None):
+    ap = arg_parser()
     args = ap.parse_args(argv)
-    args.preset = args.preset or ("paper" if args.model else "toy")
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    preset = args.preset or ("paper" if args.model else "toy")
+    ap.set_defaults(preset=preset, **PRESETS[preset])  # the preset's values where the command line gives none
+    args = ap.parse_args(argv)
     if args.model is None and args.preset not in WORLDS:
         ap.error(f"--preset {args.preset} needs --model (only {', '.join(WORLDS)} bring their own)")
     if args.model is not None and not (args.prompts and args.judge):
         ap.error("with --model, give --prompts and --judge too")
+    if args.in_process and (args.nproc_per_node > 1 or args.backend == "vllm"):
+        ap.error("--in_process needs --nproc_per_node 1 and --backend hf")
+    if args.model is not None and args.world_dir:
+        ap.error("--world_dir is for the built-in worlds (no --model)")
     args.run_dir = Path(args.run_dir or f"runs/{args.preset}-seed{args.seed}")
     return args
 
 
-def run(cmd, dry_run, timings=None, **where):
-    """Run one stage; its wall time and peak memory go to `timings` (a JSONL file) with `where`."""
+def stages_in_process(args):
+    """--in_process as given, else: with one process and no GPU (see its help)."""
+    if args.in_process is not None:
+        return args.in_process
+    import torch
+    return args.nproc_per_node == 1 and args.backend == "hf" and not torch.cuda.is_available()
+
+
+def default_world_dir(preset, seed):
+    """The cache directory of a built-in world: named by preset, seed and a hash of what builds it
+    (the world's module, common.py, torch, transformers and tokenizers versions), so runs and sweep
+    cells of one world and seed share it, and a change to that code builds a new one."""
+    code = b"".join((HERE / name).read_bytes() for name in (f"{preset}.py", "common.py"))
+    versions = [importlib.metadata.version(package) for package in ("torch", "transformers", "tokenizers")]
+    version = hashlib.sha256(code + repr(versions).encode()).hexdigest()[:12]
+    return cache_root() / "worlds" / f"{preset}-seed{seed}-{version}"
+
+
+def run(cmd, dry_run, timings=None, in_process=False, **where):
+    """Run one stage: as its own process, or `in_process` (its main(argv) called here). Its wall
+    time and peak memory go to `timings` (a JSONL file) with `where`."""
     print("+ " + " ".join(str(c) for c in cmd), flush=True)
-    if not dry_run:
-        t0 = time.time()
-        # the stage (and each torchrun rank) exits when this process is gone (common.watch_launcher)
-        proc = subprocess.Popen([str(c) for c in cmd], cwd=HERE, env=dict(os.environ, SPPO_LAUNCHER_PID=str(os.getpid())))
-        peak = 0
-        while proc.poll() is None:  # (a child's ru_maxrss would include this process's RSS at fork)
-            peak = max(peak, peak_rss_kib(proc.pid))
-            time.sleep(0.5)
-        if proc.returncode:  # the stage said why; no traceback of ours on top
-            script = next(Path(str(c)).name for c in cmd if str(c).endswith(".py"))
-            print(f"error: iteration {where['iteration']}: {script} exited with code {proc.returncode}", file=sys.stderr)
-            sys.exit(proc.returncode)
-        if timings is not None:
-            log_time(timings, t0, peak_rss_gb=round(peak / 2**20, 2), **where)
+    if dry_run:
+        return
+    t0 = time.time()
+    script = next(Path(str(c)) for c in cmd if str(c).endswith(".py"))
+    code, peak = run_here(script, cmd[cmd.index(script) + 1:]) if in_process else run_process(cmd)
+    if code:  # the stage said why; no traceback of ours on top
+        print(f"error: iteration {where['iteration']}: {script.name} exited with code {code}", file=sys.stderr)
+        sys.exit(code)
+    if timings is not None:
+        log_time(timings, t0, peak_rss_gb=round(peak / 2**20, 2) if peak else None, **where)
+
+
+def run_process(cmd):
+    """The stage as its own process (or torchrun's): (exit code, peak RSS in KiB)."""
+    # the stage (and each torchrun rank) exits when this process is gone (common.watch_launcher)
+    proc = subprocess.Popen([str(c) for c in cmd], env=dict(os.environ, SPPO_LAUNCHER_PID=str(os.getpid())))
+    peak = 0
+    while proc.poll() is None:  # (a child's ru_maxrss would include this process's RSS at fork)
+        peak = max(peak, peak_rss_kib(proc.pid))
+        time.sleep(0.5)
+    return proc.returncode, peak
+
+
+def run_here(script, argv):
+    """The stage's main(argv) in this process: (exit code, peak RSS in KiB since it began). What a
+    stage could leave behind is put back: sys.argv (run_info records the stage's own), and the
+    global RNG states (train.py seeds them; the subprocess path starts each stage afresh)."""
+    import random
+
+    import torch
+    module = importlib.import_module(script.stem)
+    saved = sys.argv, torch.get_rng_state(), random.getstate()
+    sys.argv = [str(script)] + [str(a) for a in argv]
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # peak RSS from here on (Linux)
+    except OSError:
+        pass
+    try:
+        module.main(sys.argv[1:])
+        code = 0
+    except SystemExit as e:  # fail_with's exit 2 after its one line, or sys.exit(message)
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except InputError as e:  # a stage that left it uncaught: still one line
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        code = 2
+    finally:
+        sys.argv = saved[0]
+        torch.set_rng_state(saved[1])
+        random.setstate(saved[2])
+        gc.collect()  # the stage's model is garbage now: free it before the next stage loads one
+    return code, peak_rss_kib(os.getpid())
 
 
 def peak_rss_kib(pid) -> int:
@@ -235,29 +356,34 @@ def split_prompts(records, parts):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = parse_args(argv)  # every flag and choice checked here, before torch loads
+    from rank import judge_factory
+    args.in_process = stages_in_process(args)
     run_dir = args.run_dir.resolve()
     timings = run_dir / "timings.jsonl"  # wall time of every stage run, appended (a resumed run adds its own)
     start = time.time()
     world, world_module = None, None
     if args.model is None:  # a built-in world: model, prompts, judge and evaluator built here
         world_module = importlib.import_module(args.preset)
-        t0 = time.time()
-        if not args.dry_run:
+        args.world_dir = Path(args.world_dir or default_world_dir(args.preset, args.seed)).resolve()
+        if args.dry_run:
+            world = world_module.world_paths(args.world_dir)
+        else:
+            t0 = time.time()
             run_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            world = world_module.build_world(run_dir / "world", seed=args.seed, build=not args.dry_run)
-        except InputError as e:
-            fail_with(e)
-        if not args.dry_run:
+            try:
+                world = world_module.build_world(args.world_dir, seed=args.seed)
+            except InputError as e:
+                fail_with(e)
             log_time(timings, t0, iteration=0, stage="build_world")
         args.model, args.prompts = str(world["model"]), str(world["train_prompts"])
         args.judge, args.judge_path = world["judge"], world["judge_path"] and str(world["judge_path"])
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     print(json.dumps(config, indent=2))
     if not args.dry_run:
-        try:  # everything checked before any work: the run directory's settings, model, every slice
+        try:  # everything checked before any work: the run directory's settings, judge, model, every slice
             check_same_settings(run_dir / "config.json", config)
+            judge_factory(args.judge)  # a module:factory judge that does not import fails now, not after generate
             check_model_path(args.model)
             slices = prompt_slices(args)
             check_prompts_fit(args, slices)
@@ -268,18 +394,17 @@ def main(argv=None):
         if eval_prompts and not (run_dir / "eval_prompts.jsonl").exists():
             write_records(run_dir / "eval_prompts.jsonl", eval_prompts[:args.eval_max])
 
+    def stage(script, t, step=None, **given):  # a stage of iteration t: `given` flags, the others as resolved here
+        run(launcher(args.nproc_per_node) + [HERE / f"{script}.py"] + stage_argv(script, args, **given), args.dry_run,
+            timings, args.in_process, iteration=t, stage=step or script)
+
     def export(t, model_dir):  # outputs of pi_t on the eval prompts, for alpaca_eval
         out = run_dir / f"iter{t}" / "eval_responses.jsonl"
         if args.dry_run or not out.exists():
-            run(launcher(args.nproc_per_node) + [
-                HERE / "generate.py", "--model", model_dir, "--prompts", run_dir / "eval_prompts.jsonl", "--out", out,
-                "--K", 1, "--temperature", args.eval_temperature, "--top_p", args.eval_top_p,
-                "--max_new_tokens", args.eval_max_new_tokens, "--seed", args.seed,
-                "--prompt_format", args.prompt_format] + backend, args.dry_run,
-                timings, iteration=t, stage="export")
+            stage("generate", t, "export", model=model_dir, prompts=run_dir / "eval_prompts.jsonl", out=out, seed=args.seed, K=1,
+                  temperature=args.eval_temperature, top_p=args.eval_top_p, max_new_tokens=args.eval_max_new_tokens)
         if not args.dry_run:
             export_alpaca_eval(out, run_dir / f"iter{t}" / "model_outputs.json", f"{run_dir.name}-iter{t}")
-    backend = ["--backend", args.backend] if args.backend else []
     if args.eval_prompts:
         export(0, args.model)
 
@@ -291,28 +416,12 @@ def main(argv=None):
         if not args.dry_run and not prompts.exists():
             write_records(prompts, slices[t - 1])
         if args.dry_run or not responses.exists():
-            run(launcher(args.nproc_per_node) + [
-                HERE / "generate.py", "--model", models[-1], "--prompts", prompts, "--out", responses,
-                "--K", args.K, "--temperature", args.temperature, "--top_p", args.top_p, "--top_k", args.top_k,
-                "--max_new_tokens", args.max_new_tokens, "--seed", args.seed * 1000 + t,
-                "--prompt_format", args.prompt_format] + backend, args.dry_run,
-                timings, iteration=t, stage="generate")
+            stage("generate", t, model=models[-1], prompts=prompts, out=responses, seed=args.seed * 1000 + t)
         if args.dry_run or not ranked.exists():
-            run(launcher(args.nproc_per_node) + [
-                HERE / "rank.py", "--responses", responses, "--out", ranked, "--judge", args.judge,
-                "--judge_prompt", args.judge_prompt] + (["--template_model", models[-1]] if args.judge_prompt == "template" else [])
-                + (["--judge_path", args.judge_path] if args.judge_path else [])
-                + (["--p_mode", args.p_mode] if args.p_mode else []), args.dry_run, timings, iteration=t, stage="rank")
+            stage("rank", t, responses=responses, out=ranked,
+                  template_model=models[-1] if args.judge_prompt == "template" else None)
         if args.dry_run or not (model / "train_info.json").exists():
-            run(launcher(args.nproc_per_node) + [
-                HERE / "train.py", "--model", models[-1], "--ranked", ranked, "--out", model,
-                "--loss_type", args.loss_type, "--eta", args.eta, "--optimizer", args.optimizer, "--lr", args.lr,
-                "--lr_schedule", args.lr_schedule, "--epochs", args.epochs, "--global_batch", args.global_batch,
-                "--micro_batch", args.micro_batch, "--max_prompt_length", args.max_prompt_length,
-                "--max_length", args.max_length, "--seed", args.seed, "--save_every", args.save_every,
-                "--prompt_format", args.prompt_format]
-                + (["--grad_checkpointing"] if args.grad_checkpointing else []), args.dry_run,
-                timings, iteration=t, stage="train")
+            stage("train", t, model=models[-1], ranked=ranked, out=model, seed=args.seed)
         models.append(str(model))
         if args.eval_prompts:
             export(t, model)

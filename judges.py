@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from common import InputError
+from flags import P_MODES
 from sppo_loss import prob_matrix_from_scores
 
 PAIRRM_HUB_NAME = "llm-blender/PairRM"
-P_MODES = ("pairwise", "scores")
 
 
 # ---- PairRM -----------------------------------------------------------------------------------

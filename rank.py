@@ -19,17 +19,16 @@ Judges see the response text and, by default, the plain prompt text (the last us
 `--judge_prompt template` shows them the prompt as the official SPPO pipeline shows it to PairRM:
 the policy's chat template up to the answer, as text (common.templated_prompt_text).
 """
-import argparse
 import functools
 import sys
 
 import torch
 from tqdm import tqdm
 
-from common import (InputError, check_output, dist_env, fail_with, load_tokenizer, path_stamp, positive_int,
-                    preference_matrix_problem, prompt_text, read_records, run_sharded, templated_prompt_text,
-                    watch_launcher)
-from judges import P_MODES, PAIRRM_HUB_NAME, judge_factory, make_judge
+from common import (InputError, check_output, dist_env, fail_with, load_tokenizer, path_stamp, preference_matrix_problem,
+                    prompt_text, read_records, run_sharded, templated_prompt_text, watch_launcher)
+from flags import rank_parser
+from judges import judge_factory, make_judge
 from sppo_loss import win_rates
 
 
@@ -63,25 +62,7 @@ def rank_records(records, judge, batch_size=16, desc="rank", judge_text=prompt_t
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--responses", required=True, help="JSONL from generate.py")
-    ap.add_argument("--out", required=True, help="ranked JSONL to write")
-    ap.add_argument("--judge", required=True, help="pairrm, reward or module:factory (the toy world: toy:ToyJudge)")
-    ap.add_argument("--judge_path", default=None,
-                    help=f"what the judge loads: PairRM dir or hub name (default {PAIRRM_HUB_NAME}), "
-                         "reward model dir, world file")
-    ap.add_argument("--p_mode", choices=P_MODES, default="pairwise",
-                    help="pairrm: P = sigmoid of each pair's mean two-order logit (paper) or of score differences (official)")
-    ap.add_argument("--judge_max_length", type=positive_int, default=None,
-                    help="pairrm: tokens per response (its candidate_maxlength); reward: tokens per sequence")
-    ap.add_argument("--judge_batch_size", type=positive_int, default=32, help="sequences per judge forward")
-    ap.add_argument("--judge_device", default=None, help="default: cuda:LOCAL_RANK on GPUs, else cpu")
-    ap.add_argument("--batch_size", type=positive_int, default=16, help="prompts per judge call")
-    ap.add_argument("--judge_prompt", choices=("plain", "template"), default="plain",
-                    help="what the judge reads as the prompt: the plain text (last user message), or the policy's "
-                         "chat template up to the answer, special-token text included, as the official SPPO rank.py")
-    ap.add_argument("--template_model", help="--judge_prompt template: the model dir or hub name whose tokenizer's chat template renders the prompt")
-    args = ap.parse_args(argv)
+    args = rank_parser(__doc__).parse_args(argv)  # the flags: flags.py
     watch_launcher()
     rank, world, local_rank = dist_env()
     device = args.judge_device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (InputError, collate, load_model, load_tokenizer, prompt_token_ids, response_token_ids,
+from common import (InputError, build_once, collate, load_model, load_tokenizer, prompt_token_ids, response_token_ids,
                     sequence_logps, write_json, write_records)
 from sppo_loss import prob_matrix_from_scores
 
@@ -56,24 +56,32 @@ def make_prompts():
     return train, held_out
 
 
-def build_world(out_dir, seed=0, build=True):
-    """The world's files in out_dir (the model stays in the converted-model cache); returns paths
-    (only the paths if not `build`)."""
+def world_paths(out_dir):
+    """Where each part of the world is (the prompts in out_dir, the model in the converted-model
+    cache), and its judge."""
+    import gemma
+    out_dir = Path(out_dir)
+    return {"model": gemma.cache_root() / gemma.MODEL_DIR_NAME, "train_prompts": out_dir / "train_prompts.jsonl",
+            "eval_prompts": out_dir / "eval_prompts.jsonl", "judge": "sentiment:VaderJudge", "judge_path": None}
+
+
+def build_world(out_dir, seed=0):
+    """The world's prompt files in out_dir, written once (common.build_once), and the converted
+    model; returns their paths."""
     import random
 
     import gemma
-    out_dir = Path(out_dir)
-    paths = {"model": gemma.converted_model_dir() if build else gemma.cache_root() / gemma.MODEL_DIR_NAME,
-             "train_prompts": out_dir / "train_prompts.jsonl", "eval_prompts": out_dir / "eval_prompts.jsonl",
-             "judge": "sentiment:VaderJudge", "judge_path": None}
-    if build and not paths["eval_prompts"].exists():
-        train, held_out = make_prompts()
-        random.Random(seed).shuffle(train)  # each iteration's slice mixes all training topics
-        per_topic = EVAL_PROMPTS // len(EVAL_TOPICS)
-        held_out = [r for topic in EVAL_TOPICS for r in [h for h in held_out if h["topic"] == topic][:per_topic]]
-        write_records(paths["train_prompts"], train)
-        write_records(paths["eval_prompts"], held_out)
-    return paths
+    gemma.converted_model_dir()  # converted once per machine
+    with build_once(out_dir) as tmp:
+        if tmp is not None:
+            paths = world_paths(tmp)
+            train, held_out = make_prompts()
+            random.Random(seed).shuffle(train)  # each iteration's slice mixes all training topics
+            per_topic = EVAL_PROMPTS // len(EVAL_TOPICS)
+            held_out = [r for topic in EVAL_TOPICS for r in [h for h in held_out if h["topic"] == topic][:per_topic]]
+            write_records(paths["train_prompts"], train)
+            write_records(paths["eval_prompts"], held_out)
+    return world_paths(out_dir)
 
 
 # ---- judges ---------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ the caller decides how to average.
 import torch
 import torch.nn.functional as F
 
+from flags import LOSS_TYPES  # the names train.py's --loss_type takes
+
 
 def prob_matrix_from_scores(scores: torch.Tensor) -> torch.Tensor:
     """Bradley-Terry view of per-response scores: [..., K] -> [..., K, K].
@@ -101,9 +103,6 @@ def sppo_all_loss(logratios, win_rate, eta: float):
     expectation; the official code trains only the best and worst.
     """
     return sppo_loss(logratios, win_rate, eta).mean(dim=-1)
-
-
-LOSS_TYPES = ("sppo", "sppo_single", "sppo_hard", "sppo_all", "dpo", "ipo")
 
 
 def responses_used(loss_type: str, win_rate: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,9 @@ CELL/sweep_done.json (atomically, with the cell's arguments); a cell that has it
 killed sweep resumes when the same command is run again (and iterate.py resumes inside the cell
 that was running). Ctrl-C or `kill PID` stops the running cell's processes too (each cell
 runs in a process group of its own); two sweeps cannot run in one OUT at the same time. A value
-containing commas is written as a JSON list: --grid 'prompts=["a,b","c"]'.
+containing commas is written as a JSON list: --grid 'prompts=["a,b","c"]'; an on/off flag takes
+true and false: --grid freeze_embeddings=true,false gives --freeze_embeddings / --no-freeze_embeddings.
+Every cell's arguments are checked as iterate.py checks them before the first cell runs.
 
 OUT/sweep.json records the grid, the seeds, the arguments after -- and the command line.
 OUT/results.md and OUT/results.csv hold one table: per combination and iteration, the number of
@@ -35,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 
+import iterate
 from common import InputError, atomic_write, fail_with, write_json
 
 HERE = Path(__file__).resolve().parent
@@ -43,6 +46,8 @@ ITERATE = [sys.executable, str(HERE / "iterate.py")]
 DONE = "sweep_done.json"
 # Flags the sweep sets itself for every cell, or that would mark a cell done without running it.
 RESERVED = ("seed", "run_dir", "dry-run", "dry_run")
+# iterate.py's on/off flags: a grid gives them true or false, a cell gets --flag or --no-flag
+BOOLEANS = {a.dest for a in iterate.arg_parser()._actions if isinstance(a, argparse.BooleanOptionalAction)}
 
 
 def parse_grid(specs):
@@ -71,6 +76,8 @@ def parse_grid(specs):
             raise InputError(f"--grid {spec!r}: empty value")
         if len(set(values)) < len(values):
             raise InputError(f"--grid {spec!r}: a value is repeated")
+        if key in BOOLEANS and not set(values) <= {"true", "false"}:
+            raise InputError(f"--grid {spec!r}: --{key} is on or off: give true, false or both")
         grid[key] = values
     return grid
 
@@ -111,13 +118,20 @@ def cell_name(settings, seed):
     return "__".join([f"{k}={name_part(v)}" for k, v in settings.items()] + [f"seed={seed}"])
 
 
+def flag_args(key, value):
+    """A grid setting as iterate.py arguments: --key value, or --key / --no-key for an on/off flag."""
+    if key in BOOLEANS:
+        return [f"--{key}" if value == "true" else f"--no-{key}"]
+    return [f"--{key}", value]
+
+
 def cells(grid, seeds, iterate_args):
     """Every (combination, seed) with its directory name and the iterate.py arguments (without --run_dir).
     Seed-major: all combinations at the first seed run first, so a partial sweep already compares them."""
     out = []
     for seed in seeds:
         for settings in combinations(grid):
-            args = list(iterate_args) + [a for k, v in settings.items() for a in (f"--{k}", v)] + ["--seed", str(seed)]
+            args = list(iterate_args) + [a for k, v in settings.items() for a in flag_args(k, v)] + ["--seed", str(seed)]
             out.append({"name": cell_name(settings, seed), "settings": settings, "seed": seed, "args": args})
     return out
 
@@ -302,6 +316,8 @@ def main(argv=None):
             check_iterate_args(args.iterate_args, grid)
         todo, failed = cells(grid, seeds, args.iterate_args), []
         if not args.aggregate_only:
+            for cell in todo:  # a bad flag, value or choice anywhere in the grid: one line now (exit 2), no cell run
+                iterate.parse_args(cell["args"])
             check_finished(todo, out)
             with sweep_lock(out):
                 # the grid as [flag, values] pairs: write_json sorts an object's keys, and the order names the cells

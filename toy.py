@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import games
-from common import InputError, collate, load_model, load_tokenizer, prompt_token_ids, response_token_ids, sequence_logps, write_json, write_records
+from common import InputError, build_once, collate, load_model, load_tokenizer, prompt_token_ids, response_token_ids, sequence_logps, write_json, write_records
 
 FAMILIES = {  # category: (answers in roles A..E, kind)
     "fruit": (["apple", "pear", "plum", "fig", "lime"], "cyclic"),
@@ -134,15 +134,26 @@ def sft_base_model(model, tokenizer, records, steps=150, batch_prompts=64, lr=3e
     return loss.item()
 
 
-def build_world(out_dir, seed=0, sft_steps=150, build=True):
-    """Build (or reuse) the toy world in out_dir; returns its paths (only the paths if not `build`)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def world_paths(out_dir):
+    """Where each part of the toy world is in out_dir (the one place that says so), and its judge."""
     out_dir = Path(out_dir)
-    paths = {"model": out_dir / "base_model", "train_prompts": out_dir / "train_prompts.jsonl",
-             "eval_prompts": out_dir / "eval_prompts.jsonl", "world": out_dir / "world.json",
-             "judge": "toy:ToyJudge", "judge_path": out_dir / "world.json"}
-    if (out_dir / "done").exists() or not build:
-        return paths
+    return {"model": out_dir / "base_model", "train_prompts": out_dir / "train_prompts.jsonl",
+            "eval_prompts": out_dir / "eval_prompts.jsonl", "world": out_dir / "world.json",
+            "judge": "toy:ToyJudge", "judge_path": out_dir / "world.json"}
+
+
+def build_world(out_dir, seed=0, sft_steps=150):
+    """The toy world in out_dir, built there once (common.build_once: atomically, one builder at a
+    time; a built one is found, not rebuilt); returns its paths."""
+    with build_once(out_dir) as tmp:
+        if tmp is not None:
+            make_world(world_paths(tmp), seed, sft_steps)
+    return world_paths(out_dir)
+
+
+def make_world(paths, seed, sft_steps):
+    """Tokenizer, base model (fit to BASE_POLICY), prompt files and world.json, written to `paths`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
     train, held_out = make_prompts()
     random.Random(seed).shuffle(train)
     corpus = [r["prompt"] for r in train + held_out] + [" ".join(a) for a, _ in FAMILIES.values()] * 20
@@ -161,8 +172,6 @@ def build_world(out_dir, seed=0, sft_steps=150, build=True):
              "base_policy": BASE_POLICY, "seed": seed, "sft_final_loss": loss,
              "parameters": sum(p.numel() for p in model.parameters())}
     write_json(paths["world"], world)
-    (out_dir / "done").write_text("ok\n")
-    return paths
 
 
 # ---- the judge --------------------------------------------------------------------------------

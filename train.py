@@ -23,7 +23,6 @@ without --save_every). Run the same command again after a crash and training con
 last checkpoint, ending with the parameters an uninterrupted run would have had. OUT.tmp/ is
 removed once OUT is in place.
 """
-import argparse
 import contextlib
 import hashlib
 import json
@@ -38,49 +37,18 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import (PROMPT_FORMATS, InputError, atomic_write, check_model_path, check_output, collate, dist_env, fail_with, finite_float,
-                    fraction, load_model, load_tokenizer, nonneg_float, nonneg_int, positive_float, positive_int,
-                    prompt_token_ids, read_records, record_line, response_token_ids, run_info, sequence_logps,
+from common import (InputError, atomic_write, check_model_path, check_output, collate, dist_env, fail_with, load_model,
+                    load_tokenizer, prompt_token_ids, read_records, record_line, response_token_ids, run_info, sequence_logps,
                     watch_launcher, write_json)
-from sppo_loss import LOSS_TYPES, preference_loss, responses_used
+from flags import train_parser
+from sppo_loss import preference_loss, responses_used
 
 # flags that change how, not what, is computed (up to rounding): a checkpoint resumes across them
 RESUME_FREE = ("save_every", "micro_batch", "grad_checkpointing", "cpu_offload", "peak_tflops")
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="HF model dir of pi_t (start and reference)")
-    ap.add_argument("--ranked", required=True, help="JSONL from rank.py")
-    ap.add_argument("--out", required=True, help="directory for pi_{t+1}")
-    ap.add_argument("--loss_type", default="sppo", choices=LOSS_TYPES)
-    ap.add_argument("--eta", type=finite_float, default=1000.0, help="SPPO step size (official: 1000, i.e. beta=1e-3)")
-    ap.add_argument("--beta", type=positive_float, default=0.1, help="DPO/IPO beta")
-    ap.add_argument("--optimizer", default="rmsprop", choices=["rmsprop", "adamw"])
-    ap.add_argument("--lr", type=nonneg_float, default=5e-7)
-    ap.add_argument("--lr_schedule", default="linear", choices=["linear", "constant"], help="after warmup")
-    ap.add_argument("--warmup_ratio", type=fraction, default=0.1)
-    ap.add_argument("--epochs", type=positive_int, default=1)
-    ap.add_argument("--global_batch", type=positive_int, default=64, help="prompts per optimizer step, all ranks")
-    ap.add_argument("--micro_batch", type=positive_int, default=8,
-                    help="prompts per forward on one rank; gradients accumulate over ceil(global_batch / world / micro_batch)")
-    ap.add_argument("--grad_clip", type=nonneg_float, default=1.0, help="max grad norm; 0 = off")
-    ap.add_argument("--max_prompt_length", type=positive_int, default=512,
-                    help="prompt tokens kept (the last ones; longer prompts are cut, counted and reported)")
-    ap.add_argument("--max_length", type=positive_int, default=1024, help="prompt + response tokens")
-    ap.add_argument("--prompt_format", default="auto", choices=PROMPT_FORMATS,
-                    help="as generate.py: chat template, plain text (base models), or auto")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                    help="compute dtype; weights, gradient reduction and optimizer stay fp32. auto: bfloat16 on GPU")
-    ap.add_argument("--freeze_embeddings", action="store_true",
-                    help="keep the input embedding (and a tied LM head) fixed: no gradient or optimizer state for it")
-    ap.add_argument("--grad_checkpointing", action="store_true", help="recompute each decoder layer in backward")
-    ap.add_argument("--cpu_offload", action="store_true", help="FSDP2 keeps parameters, grads, optimizer on CPU (torchrun, GPU)")
-    ap.add_argument("--save_every", type=nonneg_int, default=0, help="resumable checkpoint every N steps and at the end (0: none)")
-    ap.add_argument("--peak_tflops", type=positive_float, default=None,
-                    help="peak TFLOP/s of one device, for the MFU estimate (default: known GPUs; none on CPU)")
-    return ap.parse_args(argv)
+    return train_parser(__doc__).parse_args(argv)  # the flags: flags.py
 
 
 def build_examples(records, tokenizer, loss_type, max_prompt_length, max_length, prompt_format="auto", path=None):

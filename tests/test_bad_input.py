@@ -97,7 +97,7 @@ CASES = [
     # ---- flags and paths: rank.py ----
     ("judge-module-missing", "rank", jl(RESP), ["--judge", "no_such_module:make"], "cannot import module 'no_such_module'"),
     ("judge-factory-missing", "rank", jl(RESP), ["--judge", "toy:NoSuchJudge"], "module 'toy' has no factory 'NoSuchJudge'"),
-    ("judge-unknown", "rank", jl(RESP), ["--judge", "bogus"], "--judge 'bogus': unknown judge"),
+    ("judge-unknown", "rank", jl(RESP), ["--judge", "bogus"], "argument --judge: expected pairrm, reward or module:factory, got 'bogus'"),
     ("toy-judge-no-path", "rank", jl(RESP), ["--judge_path", None], "--judge_path None: the toy judge needs the world file"),
     ("toy-judge-path-missing", "rank", jl(RESP), ["--judge_path", "TMP/world.json"], "the toy judge needs the world file"),
     ("toy-judge-path-not-world", "rank", jl(RESP), ["--judge_path", "IN"], "not a toy world file"),
@@ -134,6 +134,7 @@ CASES = [
     ("iterate-nproc-0", "iterate", jl(PROMPT), ["--nproc_per_node", "0"], "argument --nproc_per_node"),
     ("iterate-model-missing", "iterate", jl(PROMPT), ["--model", "TMP/nope/model"], "directory not found"),
     ("iterate-max-length-short", "iterate", jl(PROMPT), ["--max_length", "8", "--iterations", "1"], "--max_length 8: "),
+    ("iterate-judge-factory-missing", "iterate", jl(PROMPT), ["--judge", "toy:NoSuchJudge"], "module 'toy' has no factory"),
     ("iterate-prompts-dir-not-dataset", "iterate", jl(PROMPT), ["--prompts", "TMP"], "not a dataset saved with save_to_disk"),
 ]
 

@@ -157,10 +157,10 @@ def test_dry_run_of_a_paper_preset_prints_config_and_commands(tmp_path):
     samples = [c for c in commands if "generate.py" in c and "--K 5" in c]
     exports = [c for c in commands if "generate.py" in c and "--K 1" in c]
     assert len(train_cmds) == len(rank_cmds) == len(samples) == 3 and len(exports) == 4  # pi_0 .. pi_3
-    assert all(c.endswith("--grad_checkpointing") for c in train_cmds)
+    assert all("--grad_checkpointing" in c.split() for c in train_cmds)
     assert all("--judge_prompt template --template_model" in c for c in rank_cmds)
     assert all("--max_new_tokens 2048" in c for c in samples)
-    assert all("--temperature 0.7 --top_p 0.9 --max_new_tokens 2048" in c for c in exports)
+    assert all(f" {flag} " in c for c in exports for flag in ("--temperature 0.7", "--top_p 0.9", "--max_new_tokens 2048"))
     assert not (tmp_path / "r").exists()  # nothing written, nothing downloaded
 
 

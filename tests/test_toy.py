@@ -72,3 +72,10 @@ def test_effective_eta_recovers_the_multiplicative_weights_step():
     cur = np.array([games.multiplicative_weights_step(M, p, 7.5) for M, p in zip(matrices, prev)])
     assert toy.effective_eta(matrices, prev, cur) == pytest.approx(7.5, rel=1e-9)
     assert toy.effective_eta(matrices, prev, prev) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_world_paths_are_where_build_world_puts_the_files(toy_world):
+    root = Path(toy_world["world"]).parent
+    assert toy.world_paths(root) == toy_world  # the layout the dry run prints is the one built
+    assert all(Path(toy_world[k]).exists() for k in ("model", "train_prompts", "eval_prompts", "world"))
+    assert toy.build_world(root) == toy_world  # built: found, not rebuilt

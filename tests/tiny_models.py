@@ -121,3 +121,13 @@ class ConstJudge:
 
     def preferences(self, prompts, responses):
         return [([[0.5] * len(r) for _ in r], None) for r in responses]
+
+
+class NotAPreferenceJudge:
+    """A `module:factory` judge whose P breaks P[i][i] = 1/2: rank.py must stop with one line."""
+
+    def __init__(self, path=None):
+        self.path = path
+
+    def preferences(self, prompts, responses):
+        return [([[0.9] * len(r) for _ in r], None) for r in responses]

@@ -1,0 +1,150 @@
+"""iterate.py's command line: every stage flag reaches its stage, every default is declared once,
+and a bad value or choice stops the run in one line before torch loads or anything is written."""
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import flags
+import iterate
+import sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+CANDIDATES = ("3", "0.25", "m:f", "x")  # a value of each flag's type that is not its default is among these
+
+
+def other_value(action):
+    """An argument for `action` that is valid and not its default; None for an on/off flag."""
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return None
+    if action.choices:
+        return next(c for c in action.choices if c != action.default)
+    for text in CANDIDATES:
+        try:
+            value = action.type(text) if action.type else text
+        except argparse.ArgumentTypeError:
+            continue
+        if value != action.default:
+            return text
+    raise AssertionError(f"no test value for --{action.dest}")
+
+
+def user_flags():
+    """[(iterate.py's name, stage, the stage's action)] for every stage flag a user sets through iterate.py."""
+    return [(name, stage, action) for stage, pairs in iterate.STAGE_FLAGS.items() for name, action in pairs if name]
+
+
+def test_every_stage_flag_reaches_its_stage_and_no_other():
+    plumbing = {"generate": dict(model="M", prompts="P", out="O", seed=1), "rank": dict(responses="R", out="O"),
+                "train": dict(model="M", ranked="R", out="O", seed=0)}
+    names = {name for name, _, _ in user_flags()}
+    assert {"beta", "warmup_ratio", "grad_clip", "grad_checkpointing", "cpu_offload", "freeze_embeddings", "dtype",
+            "peak_tflops", "judge_max_length", "judge_device", "tensor_parallel_size", "generate_batch_size",
+            "rank_batch_size", "p_mode", "backend", "loss_type", "optimizer", "lr_schedule"} <= names
+    for name, stage, action in user_flags():
+        value = other_value(action)
+        if value is None:  # on/off: the opposite of the default, as --flag or --no-flag
+            given, expected = ([f"--no-{name}"], [f"--no-{action.dest}"]) if action.default else ([f"--{name}"], [f"--{action.dest}"])
+        else:
+            given = [f"--{name}", value]
+            expected = [f"--{action.dest}", str(action.type(value) if action.type else value)]
+        args = iterate.parse_args(["--model", "M", "--prompts", "P", "--judge", "pairrm"] + given)
+        for other, pairs in iterate.STAGE_FLAGS.items():
+            argv = [str(a) for a in iterate.stage_argv(other, args, **plumbing[other])]
+            found = expected in [argv[i:i + len(expected)] for i in range(len(argv))]
+            assert found == (name in [n for n, _ in pairs]), (name, other, argv)  # in each stage that has it, only there
+
+
+def test_dry_run_shows_the_forwarded_flags(tmp_path):
+    res = subprocess.run([sys.executable, "iterate.py", "--dry-run", "--run_dir", str(tmp_path / "r"), "--iterations", "1",
+                          "--beta", "0.3", "--warmup_ratio", "0.2", "--grad_clip", "0.5", "--freeze_embeddings",
+                          "--generate_batch_size", "3", "--rank_batch_size", "5", "--dtype", "float32"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    commands = {Path(line.split()[2]).stem: line.split()[3:] for line in res.stdout.splitlines() if line.startswith("+ ")}
+
+    def value(stage, flag):
+        argv = commands[stage]
+        return argv[argv.index(flag) + 1] if flag in argv else None
+    assert value("train", "--beta") == "0.3" and value("train", "--warmup_ratio") == "0.2"
+    assert value("train", "--grad_clip") == "0.5" and "--freeze_embeddings" in commands["train"]
+    assert value("generate", "--batch_size") == "3" and value("rank", "--batch_size") == "5"
+    assert value("generate", "--dtype") == value("train", "--dtype") == "float32"  # one flag, two stages
+    assert value("train", "--eta") == "10.0" and value("generate", "--max_new_tokens") == "16"  # the toy preset
+    assert not (tmp_path / "r").exists()
+
+
+# every choice of iterate.py, given a typo
+CHOICE_TYPOS = [("--loss_type", "sppoo"), ("--optimizer", "adam"), ("--lr_schedule", "cosine"), ("--p_mode", "pair"),
+                ("--backend", "vlm"), ("--preset", "toys"), ("--prompt_format", "chats"), ("--dtype", "fp16"),
+                ("--judge_prompt", "templat"), ("--judge", "pairmr"), ("--K", "0"), ("--no-such-flag", "1")]
+
+
+@pytest.mark.parametrize("flag,value", CHOICE_TYPOS, ids=[f[0] for f in CHOICE_TYPOS])
+def test_a_bad_choice_fails_in_one_line_before_torch_loads_or_anything_is_written(tmp_path, flag, value):
+    run_dir = tmp_path / "run"
+    probe = (f"import sys, iterate\ntry:\n    iterate.main({[flag, value, '--run_dir', str(run_dir)]!r})\n"
+             "except SystemExit as e:\n    print(e.code, 'torch' in sys.modules)\n")
+    res = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.stdout.split() == ["2", "False"], (res.stdout, res.stderr)  # exit 2, torch never imported
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("iterate.py: error: ") and f"{flag}" in lines[0] and value in lines[0], res.stderr
+    assert not run_dir.exists()
+
+
+def test_each_default_is_declared_once():
+    ap = iterate.arg_parser()
+    actions = {a.dest: a for a in ap._actions}
+    # a stage flag's default in iterate.py is the stage parser's, not a second declaration
+    for name, stage, action in user_flags():
+        assert ap.get_default(name) == action.default, (name, stage)
+        assert actions[name].choices == action.choices and actions[name].type == action.type
+    # one flag for two stages only where both stages mean the same: same type, choices, default
+    by_name = {}
+    for name, stage, action in user_flags():
+        by_name.setdefault(name, []).append(action)
+    shared = {name: a for name, a in by_name.items() if len(a) > 1}
+    assert set(shared) == {"prompt_format", "dtype"}
+    for name, (a, b) in shared.items():
+        assert (a.type, a.choices, a.default) == (b.type, b.choices, b.default), name
+    # a preset names only real flags and changes each value it lists
+    for preset, values in iterate.PRESETS.items():
+        for key, value in values.items():
+            assert key in actions, (preset, key)
+            assert value != ap.get_default(key), f"PRESETS[{preset!r}][{key!r}] = {value!r} restates the default"
+
+
+def test_presets_apply_under_the_command_line():
+    args = iterate.parse_args(["--run_dir", "x"])  # toy
+    assert (args.eta, args.K, args.temperature, args.warmup_ratio) == (10.0, 5, 1.0, 0.1)  # preset, stage defaults
+    args = iterate.parse_args(["--preset", "mistral-7b", "--no-grad_checkpointing", "--K", "3"])
+    assert args.grad_checkpointing is False and args.K == 3 and args.temperature == 0.7 and args.eta == 1000.0
+    assert args.model == "mistralai/Mistral-7B-Instruct-v0.2" and args.backend == "vllm" and args.micro_batch == 8
+    assert iterate.parse_args(["--preset", "gemma-2-9b"]).micro_batch == 4
+
+
+def test_sweep_grids_on_off_flags():
+    grid = sweep.parse_grid(["freeze_embeddings=true,false", "grad_checkpointing=true"])
+    got = [c["args"] for c in sweep.cells(grid, [0], ["--preset", "toy"])]
+    assert got == [["--preset", "toy", "--freeze_embeddings", "--grad_checkpointing", "--seed", "0"],
+                   ["--preset", "toy", "--no-freeze_embeddings", "--grad_checkpointing", "--seed", "0"]]
+    assert [iterate.parse_args(a).freeze_embeddings for a in got] == [True, False]
+    with pytest.raises(sweep.InputError, match="on or off"):
+        sweep.parse_grid(["freeze_embeddings=yes"])
+
+
+def test_sweep_checks_every_cell_before_running_one(tmp_path):
+    res = subprocess.run([sys.executable, "sweep.py", "--out", str(tmp_path / "s"), "--grid", "loss_type=sppo,sppoo"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "invalid choice: 'sppoo'" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "s").exists()
+
+
+def test_stage_parsers_load_without_torch():
+    res = subprocess.run([sys.executable, "-c", "import sys, flags, iterate, sweep; print(sorted(m for m in sys.modules "
+                          "if m.split('.')[0] in ('torch', 'transformers', 'datasets')))"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert json.loads(res.stdout.replace("'", '"')) == [], res.stderr

@@ -1,0 +1,104 @@
+"""iterate.py running its stages in its own process (one CPU process): the same files as one
+process per stage, also after a kill and a re-run; per-stage times kept; a failing stage still
+one line and a non-zero exit."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import iterate
+import rank
+from common import InputError, write_records
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_RECORDS = {"responses.jsonl.info.json", "train_info.json", "metrics.jsonl", "timings.jsonl", "config.json"}  # times, argv
+
+
+def small_run(world, run_dir, *extra):
+    return [sys.executable, "iterate.py", "--world_dir", str(Path(world["world"]).parent), "--run_dir", str(run_dir),
+            "--iterations", "2", "--prompts_per_iteration", "6", "--K", "3", "--epochs", "2", "--global_batch", "4",
+            *extra]
+
+
+def test_in_process_stages_killed_and_resumed_write_what_separate_processes_write(tmp_path, toy_world):
+    one, apart = tmp_path / "one", tmp_path / "apart"
+    res = subprocess.run(small_run(toy_world, apart, "--no-in_process"), cwd=ROOT, capture_output=True, text=True,
+                         timeout=1800)
+    assert res.returncode == 0, res.stderr[-3000:]
+    # in one process, killed while iteration 1 trains, then the same command again
+    proc = subprocess.Popen(small_run(toy_world, one, "--in_process"), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 1800
+    while not (one / "iter1/ranked.jsonl").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (one / "iter2").exists()
+    res = subprocess.run(small_run(toy_world, one, "--in_process"), cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert res.returncode == 0, res.stderr[-3000:]
+    files = sorted(str(p.relative_to(one)) for p in one.rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(apart)) for p in apart.rglob("*") if p.is_file())  # nothing stale
+    assert "iter2/model/model.safetensors" in files and "eval.json" in files
+    for name in files:  # bit for bit: no state leaks from one stage into the next (RNG, argv, ...)
+        if Path(name).name not in RUN_RECORDS:
+            assert (one / name).read_bytes() == (apart / name).read_bytes(), name
+    for run in (one, apart):  # every stage has its time and peak memory
+        times = [json.loads(line) for line in (run / "timings.jsonl").read_text().splitlines()]
+        stages = [(t["iteration"], t["stage"]) for t in times if "peak_rss_gb" in t]
+        assert stages == [(t, s) for t in (1, 2) for s in ("generate", "rank", "train")], times
+        assert all(t["seconds"] > 0 and t["peak_rss_gb"] > 0.05 for t in times if "peak_rss_gb" in t)
+    argv = json.loads((one / "iter1/model/train_info.json").read_text())["argv"]
+    assert Path(argv[0]).name == "train.py" and "--ranked" in argv  # the stage's own command line
+
+
+def test_a_stage_that_fails_in_process_says_why_in_one_line(tmp_path, toy_world, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    write_records(prompts, [{"id": i, "prompt": f"Which fruit suits the picnic number {i}?"} for i in range(4)])
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:
+        iterate.main(["--model", str(toy_world["model"]), "--prompts", str(prompts), "--judge",
+                      "tiny_models:NotAPreferenceJudge", "--preset", "toy", "--iterations", "1", "--K", "2",
+                      "--run_dir", str(run_dir), "--in_process"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 2 and "not a preference matrix" in errors[0], err
+    assert errors[1] == "error: iteration 1: rank.py exited with code 2" and "Traceback" not in err
+    assert (run_dir / "iter1/responses.jsonl").exists() and not (run_dir / "iter1/ranked.jsonl").exists()
+
+
+@pytest.mark.parametrize("raised, code, says", [(InputError("x.jsonl:3: field 'P': bad"), 2, "error: x.jsonl:3: field 'P': bad"),
+                                                (SystemExit("stopped"), 1, "stopped"), (SystemExit(3), 3, None),
+                                                (SystemExit(0), 0, None)])
+def test_run_here_turns_what_a_stage_raises_into_an_exit_code(monkeypatch, capsys, raised, code, says):
+    argv_seen = []
+
+    def main(argv):
+        argv_seen.append((list(argv), list(sys.argv)))
+        raise raised
+    monkeypatch.setattr(rank, "main", main)
+    before = list(sys.argv)
+    got, _ = iterate.run_here(ROOT / "rank.py", ["--out", Path("o.jsonl")])
+    assert got == code and sys.argv == before
+    assert argv_seen == [(["--out", "o.jsonl"], [str(ROOT / "rank.py"), "--out", "o.jsonl"])]
+    err = capsys.readouterr().err
+    assert (says in err) if says else err == ""
+
+
+def test_in_process_by_default_for_one_cpu_process_only(monkeypatch):
+    import torch
+    decide = lambda *argv: iterate.stages_in_process(iterate.parse_args(list(argv)))  # noqa: E731
+    assert decide() is True and decide("--no-in_process") is False
+    assert decide("--nproc_per_node", "2") is False  # torchrun
+    assert decide("--backend", "vllm") is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert decide() is False and decide("--in_process") is True  # GPUs: memory freed between stages
+    with pytest.raises(SystemExit):
+        iterate.parse_args(["--in_process", "--nproc_per_node", "2"])
