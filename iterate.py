@@ -40,7 +40,7 @@ PRESETS = {
     # the AlpacaEval outputs decoded as models_configs/*/configs.yaml (T 0.7, top_p 0.9, 2048).
     "paper": dict(K=5, temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=2048, eta=1000.0, lr=5e-7,
                   lr_schedule="linear", epochs=1, global_batch=64, micro_batch=8, max_prompt_length=512,
-                  max_length=1024, prompts_per_iteration=0, grad_checkpointing=True, judge_prompt="plain",
+                  max_length=1024, prompts_per_iteration=0, grad_checkpointing=True, freeze_embeddings=False, judge_prompt="plain",
                   eval_temperature=0.7, eval_top_p=0.9, eval_max_new_tokens=2048),
     # The toy world: see NOTES.md for why eta=10, lr=1e-4 and 5 epochs.
     "toy": dict(K=5, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=16, eta=10.0, lr=1e-4,
@@ -48,9 +48,10 @@ PRESETS = {
                 max_length=96, grad_checkpointing=False, judge_prompt="plain",
                 eval_temperature=0.0, eval_top_p=1.0, eval_max_new_tokens=16),
     # The real-LM world (Gemma-3-270M, VADER): see NOTES.md for the search behind these values.
-    "sentiment": dict(K=4, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=20, eta=10.0, lr=1e-6,
-                      lr_schedule="constant", epochs=2, global_batch=8, micro_batch=4, max_prompt_length=64,
-                      max_length=96, prompts_per_iteration=64, grad_checkpointing=False, judge_prompt="plain",
+    "sentiment": dict(K=4, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=20, eta=10.0, lr=2e-6,
+                      lr_schedule="constant", epochs=1, global_batch=8, micro_batch=4, max_prompt_length=64,
+                      max_length=96, prompts_per_iteration=0, grad_checkpointing=False, freeze_embeddings=True,
+                      judge_prompt="plain",
                       eval_temperature=0.0, eval_top_p=1.0, eval_max_new_tokens=20),
 }
 # Presets that bring their own model, prompts, judge and evaluator (a module with build_world and
@@ -311,7 +312,8 @@ def main(argv=None):
                 "--micro_batch", args.micro_batch, "--max_prompt_length", args.max_prompt_length,
                 "--max_length", args.max_length, "--seed", args.seed, "--save_every", args.save_every,
                 "--prompt_format", args.prompt_format]
-                + (["--grad_checkpointing"] if args.grad_checkpointing else []), args.dry_run,
+                + (["--grad_checkpointing"] if args.grad_checkpointing else [])
+                + (["--freeze_embeddings"] if args.freeze_embeddings else []), args.dry_run,
                 timings, iteration=t, stage="train")
         models.append(str(model))
         if args.eval_prompts:
