@@ -65,8 +65,8 @@ PRESETS = {
     "toy": dict(max_new_tokens=16, eta=10.0, lr=1e-4, lr_schedule="constant", epochs=5, global_batch=32,
                 max_prompt_length=64, max_length=96, eval_temperature=0.0, eval_top_p=1.0, eval_max_new_tokens=16),
     # The real-LM world (Gemma-3-270M, VADER): see NOTES.md for the search behind these values.
-    "sentiment": dict(K=4, max_new_tokens=20, eta=10.0, lr=1e-6, lr_schedule="constant", epochs=2, global_batch=8,
-                      micro_batch=4, max_prompt_length=64, max_length=96, prompts_per_iteration=64,
+    "sentiment": dict(K=4, max_new_tokens=20, eta=10.0, lr=2e-6, lr_schedule="constant", global_batch=8,
+                      micro_batch=4, max_prompt_length=64, max_length=96, freeze_embeddings=True,
                       eval_temperature=0.0, eval_top_p=1.0, eval_max_new_tokens=20),
 }
 # Presets that bring their own model, prompts, judge and evaluator (a module with build_world and
@@ -357,7 +357,7 @@ def split_prompts(records, parts):
 
 def main(argv=None):
     args = parse_args(argv)  # every flag and choice checked here, before torch loads
-    from rank import judge_factory
+    from judges import judge_factory
     args.in_process = stages_in_process(args)
     run_dir = args.run_dir.resolve()
     timings = run_dir / "timings.jsonl"  # wall time of every stage run, appended (a resumed run adds its own)
