@@ -79,3 +79,47 @@ def test_world_paths_are_where_build_world_puts_the_files(toy_world):
     assert toy.world_paths(root) == toy_world  # the layout the dry run prints is the one built
     assert all(Path(toy_world[k]).exists() for k in ("model", "train_prompts", "eval_prompts", "world"))
     assert toy.build_world(root) == toy_world  # built: found, not rebuilt
+
+
+def test_answer_logps_with_a_shared_prompt_cache_match_whole_sequences(toy_world):
+    """toy.answer_logps runs each prompt once and reuses its keys and values for the 5 answers;
+    values and gradients must be those of scoring every (prompt, answer) sequence whole."""
+    import torch
+
+    from common import collate, load_model, load_tokenizer, sequence_logps
+    tok, model = load_tokenizer(toy_world["model"]), load_model(toy_world["model"])
+    train, held_out = toy.make_prompts()
+    records = train[::97] + held_out[::29]  # templates of different lengths: left padding matters
+    prompts, answers = [r["prompt"] for r in records], [toy.FAMILIES[r["family"]][0] for r in records]
+    pairs = [toy.answer_tokens(tok, p, a) for p, ans in zip(prompts, answers) for a in ans]
+    assert len({len(p) for p, _ in pairs}) > 2 and len({len(r) for _, r in pairs}) > 1
+    grads = []
+    for logps in (lambda: sequence_logps(model, collate(pairs, tok.pad_token_id)).view(len(prompts), -1),
+                  lambda: toy.answer_logps(model, tok, prompts, answers, prompts_per_forward=4)):
+        model.zero_grad()
+        value = logps()
+        (value * torch.linspace(0.1, 1, value.numel()).view_as(value)).sum().backward()
+        grads.append((value.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (whole, g_whole), (shared, g_shared) = grads
+    assert whole.shape == shared.shape == (len(prompts), 5)
+    assert torch.allclose(whole, shared, atol=2e-5) and whole.abs().max() > 1
+    assert torch.allclose(g_whole, g_shared, rtol=1e-3, atol=1e-5 * g_whole.abs().max().item())
+
+
+def test_evaluate_scores_each_model_once_and_a_changed_model_again(toy_world, tmp_path):
+    import shutil
+
+    import torch
+
+    from common import load_model
+    mine = tmp_path / "model"
+    shutil.copytree(toy_world["model"], mine)
+    toy.SCORED.clear()
+    first = toy.evaluate([toy_world["model"], mine], toy_world)
+    assert first[1]["win_vs_pi0"] == pytest.approx(0.5) and len(toy.SCORED) == 2  # a copy of pi_0
+    model = load_model(mine)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(3.0)  # sharper: another policy in the same directory
+    model.save_pretrained(mine)
+    again = toy.evaluate([toy_world["model"], mine], toy_world)
+    assert len(toy.SCORED) == 3 and abs(again[1]["win_vs_pi0"] - 0.5) > 1e-3  # rescored, pi_0 not
