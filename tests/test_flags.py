@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-import flags
 import iterate
 import sweep
 
