@@ -78,7 +78,7 @@ def lm_head_as_weight_times_hidden(model):
 
     The same dot products in another GEMM layout: with a few rows per step and a large
     vocabulary (Gemma-3: W is 262,144 x 640) MKL's sgemm is 2-3x faster this way on this
-    machine's CPU (BENCHMARKS.md, "The real LM"). The head dominates a generation step there.
+    machine's CPU (NOTES.md, "Where the time goes on a 262,144-token vocabulary").
     """
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear) or head.bias is not None or head.weight.device.type != "cpu":
