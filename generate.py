@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from common import (InputError, check_model_path, check_output, checked_prompt_ids, dist_env, fail_with, load_model,
                     load_tokenizer, model_context, path_stamp, prompt_token_ids, read_records, response_end_ids, run_info,
-                    run_sharded, watch_launcher, write_json)
+                    run_sharded, watch_launcher, weight_times_hidden, write_json)
 from flags import generate_parser
 
 
@@ -59,8 +59,8 @@ class GumbelSampler:
 
     def __call__(self, input_ids, scores):
         logits = filter_logits(scores.float() / self.temperature, self.top_k, self.top_p)
-        uniform = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in self.generators])
-        gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
+        gumbel = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in self.generators])
+        gumbel.clamp_(1e-20, 1.0 - 1e-7).log_().neg_().log_().neg_()  # -log(-log u), in place: [N, V]
         return logits + gumbel.to(logits.device)
 
 
@@ -74,18 +74,14 @@ def stop_token_ids(model, tokenizer, prompt_format="auto") -> set:
 
 @contextlib.contextmanager
 def lm_head_as_weight_times_hidden(model):
-    """While generating on the CPU, compute the LM head's logits as (W h^T)^T instead of h W^T.
-
-    The same dot products in another GEMM layout: with a few rows per step and a large
-    vocabulary (Gemma-3: W is 262,144 x 640) MKL's sgemm is 2-3x faster this way on this
-    machine's CPU (NOTES.md, "Where the time goes on a 262,144-token vocabulary").
-    """
+    """While generating on the CPU, the LM head computes its logits as (W h^T)^T, not h W^T:
+    the same dot products in the GEMM layout MKL runs 2-3x faster here (common.weight_times_hidden)."""
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear) or head.bias is not None or head.weight.device.type != "cpu":
         yield
         return
-    head.forward = lambda hidden: (head.weight @ hidden.reshape(-1, hidden.shape[-1]).T).T.reshape(
-        *hidden.shape[:-1], -1)
+    # contiguous [.., V]: the samplers' and argmax's passes over a transposed tensor are ~10x slower
+    head.forward = lambda hidden: weight_times_hidden(head.weight, hidden).T.contiguous().reshape(*hidden.shape[:-1], -1)
     try:
         yield
     finally:

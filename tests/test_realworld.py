@@ -147,3 +147,35 @@ def test_evaluation_of_a_policy_against_itself(tmp_path, gemma_dir):
     samples = json.loads((tmp_path / "run/iter1/eval_samples.json").read_text())
     assert len(samples["texts"]) == 2 * sentiment.EVAL_SAMPLES and len(samples["logp_pi0"]) == len(samples["texts"])
     assert "pi_1 sample" in sentiment.format_table(rows)
+
+
+def test_logps_on_the_real_vocabulary_match_a_float64_reference(gemma_dir, gemma_tok):
+    """sequence_logps on Gemma-3 (the head scores 262,144 tokens in the W h^T layout on the CPU):
+    values and hidden-state gradients against log_softmax in float64 over the full logits."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+    from common import collate, sequence_logps
+    model = AutoModelForCausalLM.from_pretrained(gemma_dir)
+    model.get_input_embeddings().weight.requires_grad_(False)
+    train, _ = sentiment.make_prompts()
+    pairs = [(prompt_token_ids(gemma_tok, r["prompt"]), response_token_ids(gemma_tok, y, truncated=True))
+             for r, y in zip(train[:3], [" was lovely.", " broke on the first day, sadly", " is fine"])]
+    batch = collate(pairs, gemma_tok.pad_token_id)
+    layer = model.model.layers[-1].mlp.down_proj.weight
+
+    def reference():
+        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             position_ids=batch["position_ids"]).last_hidden_state
+        logp = F.log_softmax(hidden.double() @ model.lm_head.weight.double().T, -1)[:, :-1]
+        logp = logp.gather(2, batch["input_ids"][:, 1:, None])[..., 0]
+        return (logp * batch["response_mask"][:, 1:] * batch["attention_mask"][:, :-1]).sum(-1)
+
+    out = []
+    for fn in (reference, lambda: sequence_logps(model, batch)):
+        model.zero_grad()
+        values = fn()
+        (values * torch.tensor([1.0, -2.0, 0.5], dtype=values.dtype)).sum().backward()
+        out.append((values.detach().double(), layer.grad.clone()))
+    (ref, ref_grad), (got, grad) = out
+    assert (got - ref).abs().max() < 2e-4 and ref.min() < -10, (got, ref)
+    assert (grad - ref_grad).norm() / ref_grad.norm() < 1e-4, (grad - ref_grad).norm() / ref_grad.norm()

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import common
 import toy
 from common import (InputError, collate, load_model, load_tokenizer, prompt_token_ids, read_records,
                     response_token_ids, sequence_logps, write_records)
@@ -82,7 +83,7 @@ def test_split_padding_runs_the_lm_head_on_response_positions_only(tok_model):
     assert seen[1] > seen[0] + 5  # right padding: the short prompt's row starts predicting much earlier
 
 
-def test_logps_gradient_and_full_logits_path_match_reference(tok_model):
+def test_logps_gradient_and_full_logits_path_match_reference(tok_model, monkeypatch):
     """The LM head on fewer positions (logits_to_keep) and fused cross_entropy give the same values
     and gradients as the plain full-logits log_softmax + gather; so does a model without logits_to_keep."""
     tok, model = tok_model
@@ -104,13 +105,18 @@ def test_logps_gradient_and_full_logits_path_match_reference(tok_model):
         def forward(self, input_ids, attention_mask, position_ids, use_cache):
             return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
 
-    results = []
+    monkeypatch.setattr(common, "HEAD_SCORING_MIN_VOCAB", 0)  # the large-vocabulary CPU path on the tiny model
+    results, head_outputs = [], []
+    hook = model.lm_head.register_forward_hook(lambda mod, inp, out: head_outputs.append(out.dim()))
     for fn in (reference, lambda: sequence_logps(model, batch), lambda: sequence_logps(NoKeep(model), batch)):
         model.zero_grad()
         values = fn()
         (values * torch.tensor([1.0, -2.0])).sum().backward()
         results.append((values.detach(), [p.grad.clone() for p in model.parameters()]))
+    hook.remove()
     model.zero_grad()
+    # the CPU path: the head scored the targets itself (a 1-d output); without logits_to_keep, logits
+    assert head_outputs == [3, 1, 3] and "forward" not in vars(model.lm_head)
     for values, grads in results[1:]:
         assert torch.allclose(values, results[0][0], atol=1e-4)
         assert all(torch.allclose(g, g0, atol=1e-5) for g, g0 in zip(grads, results[0][1]))
