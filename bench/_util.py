@@ -176,12 +176,12 @@ def model_20m(tokenizer_dir):
 
 def param_counts(model) -> dict:
     """Total parameters, and the ones that cost FLOPs per token (all but the input embedding
-    table, whose lookup is free; a tied output head is counted once, as the head)."""
+    table, whose lookup is free; a tied output head is counted once, as the head); the head's."""
     total = sum(p.numel() for p in model.parameters())
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
     matmul = total - emb.numel() + (head.numel() if head is emb else 0)
-    return {"params": total, "matmul_params": matmul}
+    return {"params": total, "matmul_params": matmul, "head_params": head.numel(), "head_tied": head is emb}
 
 
 WORDS = ("apple pear plum fig lime red blue green grey brown cat dog fox owl eel tea milk juice soda water "

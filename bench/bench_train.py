@@ -3,6 +3,7 @@ DPOTrainer(loss_type="sppo_hard"), same model, same pairs, same batches, one pro
 
     python bench/bench_train.py                      # both models, 5-8 minutes on the shared 2 cores
     python bench/bench_train.py --models toy --steps 30
+    python bench/bench_train.py --models gemma        # Gemma-3-270M, the sentiment preset's batch (~10 min)
     python bench/bench_train.py --profile            # where our step's time goes (torch.profiler)
     python bench/bench_train.py --experiments        # before/after of the proposed optimisations
 
@@ -40,9 +41,11 @@ from common import collate, load_model, load_tokenizer  # noqa: E402
 from sppo_loss import preference_loss  # noqa: E402
 
 BENCH = "train"
-SETTINGS = {  # model: (batch pairs per step, response words min..max)
-    "toy": dict(batch=16, words=(4, 40)),
-    "20m": dict(batch=8, words=(6, 30)),
+SETTINGS = {  # model: batch pairs per step, response words min..max, timed steps, frozen input embedding
+    "toy": dict(batch=16, words=(4, 40), steps=20, freeze=False),
+    "20m": dict(batch=8, words=(6, 30), steps=6, freeze=False),
+    # the sentiment preset's step: 8 prompts (best and worst), ~20-token responses, tied embedding frozen
+    "gemma": dict(batch=8, words=(12, 24), steps=4, freeze=True),
 }
 
 
@@ -62,11 +65,26 @@ def make_records(n, words, seed=0):
     return recs
 
 
-def trl_dataset(records):
+def trl_dataset(records, chat=True):
+    """Conversational rows for a model with a chat template, plain text for a base model."""
     from datasets import Dataset
+    if not chat:
+        return Dataset.from_list([{"prompt": r["prompt"], "chosen": r["responses"][0], "rejected": r["responses"][1]}
+                                  for r in records])
     return Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
                                "chosen": [{"role": "assistant", "content": r["responses"][0]}],
                                "rejected": [{"role": "assistant", "content": r["responses"][1]}]} for r in records])
+
+
+def freeze_input_embedding(model, freeze):
+    """train.py --freeze_embeddings: the input embedding (and a head tied to it) gets no gradient."""
+    if freeze:
+        model.get_input_embeddings().weight.requires_grad_(False)
+    return model
+
+
+def grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
 
 
 def our_examples(trl_examples):
@@ -103,11 +121,11 @@ def our_step(model, optimizer, scheduler, examples, ref_logps, pad_id, loss_type
     return sums["loss"] / n, grad_norm
 
 
-def make_ours(model_dir, lr):
-    model = load_model(model_dir)
+def make_ours(model_dir, lr, freeze=False):
+    model = freeze_input_embedding(load_model(model_dir), freeze)
     model.config.use_cache = False
     model.train()
-    opt = torch.optim.RMSprop(model.parameters(), lr=lr)
+    opt = torch.optim.RMSprop([p for p in model.parameters() if p.requires_grad], lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     return model, opt, sched
 
@@ -115,11 +133,12 @@ def make_ours(model_dir, lr):
 # ---- TRL ---------------------------------------------------------------------------------------
 
 
-def make_trl(model_dir, records, batch, steps, lr, eta, out_dir, precompute=False):
+def make_trl(model_dir, records, batch, steps, lr, eta, out_dir, precompute=False, freeze=False):
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
     tok = load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # _name_or_path = the reference
+    freeze_input_embedding(model, freeze)  # the Trainer's optimizer takes only parameters that require grad
     args = DPOConfig(output_dir=str(out_dir), loss_type=["sppo_hard"], beta=1.0 / eta, learning_rate=lr,
                      optim="rmsprop", lr_scheduler_type="constant", max_grad_norm=1.0,
                      per_device_train_batch_size=batch, gradient_accumulation_steps=1, max_steps=steps,
@@ -127,7 +146,8 @@ def make_trl(model_dir, records, batch, steps, lr, eta, out_dir, precompute=Fals
                      use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True, seed=0,
                      dataloader_num_workers=0, max_length=None)
     from transformers.trainer_callback import PrinterCallback
-    trainer = DPOTrainer(model=model, args=args, train_dataset=trl_dataset(records), processing_class=tok)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=trl_dataset(records, chat=tok.chat_template is not None),
+                         processing_class=tok)
     trainer.remove_callback(PrinterCallback)  # it only prints the logs (every 10 steps) to stdout
     return trainer
 
@@ -143,16 +163,16 @@ class RecordingCollator:
         return self.inner(examples)
 
 
-def run_pair(model_dir, records, batch, steps, warmup, lr, eta, precompute, pad_id, micro_batch=None):
+def run_pair(model_dir, records, batch, steps, warmup, lr, eta, precompute, pad_id, micro_batch=None, freeze=False):
     """Interleaved TRL / ours; -> dict of per-step time lists, token counts, both trained models."""
     from transformers import TrainerCallback
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        trainer = make_trl(model_dir, records, batch, steps + warmup, lr, eta, tmp, precompute=precompute)
+        trainer = make_trl(model_dir, records, batch, steps + warmup, lr, eta, tmp, precompute=precompute, freeze=freeze)
         trl_init = time.perf_counter() - t0
         rec = RecordingCollator(trainer.data_collator)
         trainer.data_collator = rec
-        ours, opt, sched = make_ours(model_dir, lr)
+        ours, opt, sched = make_ours(model_dir, lr, freeze)
         ref = load_model(model_dir).eval()
         out = {"trl": [], "ours_step": [], "ours_ref": [], "tokens": [], "ours_loss": [], "trl_init_s": trl_init}
 
@@ -185,10 +205,10 @@ def run_pair(model_dir, records, batch, steps, warmup, lr, eta, precompute, pad_
 # ---- loss agreement ----------------------------------------------------------------------------
 
 
-def loss_agreement(trainer, model_dir, ref, trl_examples, eta, pad_id):
+def loss_agreement(trainer, model_dir, ref, trl_examples, eta, pad_id, freeze=False):
     """TRL's loss and gradient vs ours on one batch with identical (trained, so policy != reference)
     parameters. Returns a dict of the values and their relative differences."""
-    policy = load_model(model_dir)
+    policy = freeze_input_embedding(load_model(model_dir), freeze)
     policy.load_state_dict(trainer.model.state_dict())
     policy.config.use_cache = False
     trainer.model.train()
@@ -198,7 +218,7 @@ def loss_agreement(trainer, model_dir, ref, trl_examples, eta, pad_id):
     trainer.model.zero_grad()
     trl_loss = trainer.compute_loss(trainer.model, inputs)
     trl_loss.backward()
-    trl_grads = torch.cat([p.grad.flatten() for p in trainer.model.parameters()])
+    trl_grads = grads(trainer.model)
     trainer.model.zero_grad()
 
     exs = our_examples(trl_examples)
@@ -209,7 +229,7 @@ def loss_agreement(trainer, model_dir, ref, trl_examples, eta, pad_id):
     hard_loss = preference_loss("sppo_hard", **batch, eta=eta, beta=0.1)[0].mean()
     sppo_loss = preference_loss("sppo", **batch, eta=eta, beta=0.1)[0].mean()
     hard_loss.backward(retain_graph=True)
-    our_grads = torch.cat([p.grad.flatten() for p in policy.parameters()])
+    our_grads = grads(policy)
     rel = lambda a, b: abs(a - b) / max(abs(b), 1e-12)  # noqa: E731
     return {"trl_loss": trl_loss.item(), "ours_sppo_hard": hard_loss.item(), "ours_sppo_hard_labels": sppo_loss.item(),
             "rel_diff_sppo_hard": rel(hard_loss.item(), trl_loss.item()),
@@ -356,15 +376,16 @@ def main():
     args = ap.parse_args()
     _util.header("bench_train: our training step vs TRL DPOTrainer(loss_type='sppo_hard')")
     world = _util.toy_world()
-    dirs = {"toy": world["model"], "20m": _util.model_20m(world["model"])}
+    dirs = {"toy": lambda: world["model"], "20m": lambda: _util.model_20m(world["model"]),
+            "gemma": lambda: __import__("gemma").converted_model_dir()}  # converted once, into the cache
     cpu = _util.cpu_facts()
     rows, mfu_rows, agree_rows, exp_rows = [], [], [], []
     for name in args.models.split(","):
-        model_dir = dirs[name]
+        model_dir = dirs[name]()
         tok = load_tokenizer(model_dir)
         pad_id = tok.pad_token_id
         s = SETTINGS[name]
-        steps = args.steps or {"toy": 20, "20m": 6}[name]
+        steps = args.steps or s["steps"]
         records = make_records((steps + args.warmup + 1) * s["batch"], s["words"], seed=0)
         counts = _util.param_counts(load_model(model_dir))
         if args.profile:
@@ -387,7 +408,7 @@ def main():
         variants = {"default": [False], "precompute": [True], "both": [False, True]}[args.trl_mode]
         for precompute in variants:
             r = run_pair(model_dir, records, s["batch"], steps, args.warmup, args.lr, args.eta, precompute, pad_id,
-                         args.micro_batch)
+                         args.micro_batch, s["freeze"])
             resp = _util.median([t[0] for t in r["tokens"]])
             real = _util.median([t[1] for t in r["tokens"]])
             padded = _util.median([t[2] for t in r["tokens"]])
@@ -412,17 +433,25 @@ def main():
                          ratio_vs_trl=trl_t / ours_1ep, ratio_vs_trl_per_step_median=_util.median(ratios_1ep))
             if precompute:
                 continue
-            # MFU: 6 N T for forward+backward, + 2 N T for a reference forward; N = matmul parameters
-            N = counts["matmul_params"]
-            for label, t, flops in (("ours step", ours_t, 6 * N * real), ("ours step + ref", ours_1ep, 8 * N * real),
-                                    ("TRL (live ref)", trl_t, 8 * N * real)):
-                mfu = flops / t / cpu["peak_fp32_flops"]
-                mfu_rows.append([name, label, counts["params"], N, real, padded, t, flops / t / 1e9, mfu])
+            # MFU: 6 N T for forward+backward, + 2 N T for a reference forward; N = matmul parameters.
+            # "needed": the work the step cannot skip: the body (N - head) at every real token, the
+            # head only where it predicts a response token, and no weight gradient for a frozen head
+            N, head = counts["matmul_params"], counts["head_params"]
+            head_train = (4 if s["freeze"] and counts["head_tied"] else 6) * head * resp
+            needed_step = 6 * (N - head) * real + head_train
+            needed_ref = 2 * (N - head) * real + 2 * head * resp
+            for label, t, flops, needed in (("ours step", ours_t, 6 * N * real, needed_step),
+                                            ("ours step + ref", ours_1ep, 8 * N * real, needed_step + needed_ref),
+                                            ("TRL (live ref)", trl_t, 8 * N * real, needed_step + needed_ref)):
+                mfu, mfu_needed = flops / t / cpu["peak_fp32_flops"], needed / t / cpu["peak_fp32_flops"]
+                mfu_rows.append([name, label, counts["params"], N, real, resp, t, flops / t / 1e9, mfu, needed / t / 1e9,
+                                 mfu_needed])
                 _util.record(BENCH, "mfu", model=name, variant=label, params=counts["params"], matmul_params=N,
-                             real_tokens=real, padded_tokens=padded, step_s=t, gflops=flops / t / 1e9, mfu=mfu,
-                             peak=cpu["peak_formula"])
+                             real_tokens=real, padded_tokens=padded, response_tokens=resp, step_s=t,
+                             gflops=flops / t / 1e9, mfu=mfu, needed_gflops=needed / t / 1e9, mfu_needed=mfu_needed,
+                             frozen_embedding=s["freeze"], peak=cpu["peak_formula"])
             # loss agreement, tokenisation check, drift of the two trained models
-            a = loss_agreement(r["trainer"], model_dir, r["ref"], r["first_batch"], args.eta, pad_id)
+            a = loss_agreement(r["trainer"], model_dir, r["ref"], r["first_batch"], args.eta, pad_id, s["freeze"])
             a["tokenisation_identical"] = check_tokenisation(records, r["trainer"].train_dataset, tok)
             drift = max((p - q).abs().max().item() for p, q in zip(r["ours"].parameters(), r["trainer"].model.parameters()))
             init = load_model(model_dir)
@@ -443,8 +472,8 @@ def main():
     if mfu_rows:
         print(f"\nMFU against the fp32 peak {cpu['peak_formula']}; measured 1024^3 sgemm: "
               f"{sgemm_ceiling() / 1e9:.1f} GFLOP/s")
-        print(_util.table(["model", "variant", "params", "matmul params N", "real tokens", "padded tokens", "step s",
-                           "GFLOP/s (model)", "MFU"], mfu_rows))
+        print(_util.table(["model", "variant", "params", "matmul params N", "real tokens", "response tokens", "step s",
+                           "GFLOP/s (6NT)", "MFU (6NT)", "GFLOP/s (needed)", "MFU (needed)"], mfu_rows))
     if exp_rows:
         print(_util.table(["model", "what", "variant", "median s", "speedup vs before", "max |logp diff| vs before"],
                           exp_rows))
