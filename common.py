@@ -438,14 +438,27 @@ def watch_launcher(poll=0.5):
 # ---- model I/O and tokens ---------------------------------------------------------------------
 
 
+_TOKENIZERS = {}  # tokenizer files' contents -> the tokenizer loaded from them, in this process
+
+
 def load_tokenizer(model_dir):
+    """The model directory's tokenizer, with a pad token. Loaded once per process for the same
+    files: every pi_t directory holds the same tokenizer, and Gemma-3's (262,144 tokens) takes
+    6-9 s to load; the stages running in iterate.py's process share it, so none may change it."""
     from transformers import AutoTokenizer
+    files = sorted(p for p in Path(model_dir).glob("*") if p.is_file() and (
+        p.name.startswith(("tokenizer", "special_tokens", "added_tokens", "chat_template", "vocab", "merges", "spiece"))))
+    key = tuple((p.name, hashlib.sha256(p.read_bytes()).hexdigest()) for p in files)
+    if files and key in _TOKENIZERS:
+        return _TOKENIZERS[key]
     try:
         tok = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as e:
         raise InputError(f"{model_dir}: could not load a tokenizer ({str(e).strip().splitlines()[0]})") from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    if files:  # (a hub name has no local files: loaded each time, from the hub's own cache)
+        _TOKENIZERS[key] = tok
     return tok
 
 
