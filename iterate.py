@@ -408,7 +408,17 @@ def main(argv=None):
     if args.eval_prompts:
         export(0, args.model)
 
+    def evaluate(models, t):  # the built-in world's held-out metrics of pi_0 .. pi_t (each policy scored once)
+        t0 = time.time()
+        rows = world_module.evaluate(models, world, run_dir)
+        print("\nevaluation on the held-out prompts:\n" + world_module.format_table(rows), flush=True)
+        write_json(run_dir / "eval.json", rows)
+        world_module.plot(rows, run_dir / "eval.png")
+        log_time(timings, t0, iteration=t, stage="evaluate")
+
     models = [args.model]
+    if world is not None and not args.dry_run:
+        evaluate(models, 0)  # the baseline, before iteration 1 (its time is iteration 0's)
     for t in range(1, args.iterations + 1):
         it = run_dir / f"iter{t}"
         prompts, responses, ranked, model = it / "prompts.jsonl", it / "responses.jsonl", it / "ranked.jsonl", it / "model"
@@ -426,12 +436,7 @@ def main(argv=None):
         if args.eval_prompts:
             export(t, model)
         if world is not None and not args.dry_run:
-            t0 = time.time()
-            rows = world_module.evaluate(models, world, run_dir)
-            print("\nevaluation on the held-out prompts:\n" + world_module.format_table(rows), flush=True)
-            write_json(run_dir / "eval.json", rows)
-            world_module.plot(rows, run_dir / "eval.png")
-            log_time(timings, t0, iteration=t, stage="evaluate")
+            evaluate(models, t)
     if not args.dry_run:
         print(f"\nrun directory: {run_dir}; wall time of this invocation {time.time() - start:.1f} s; "
               f"stage times in {timings.name}")

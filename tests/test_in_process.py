@@ -56,6 +56,10 @@ def test_in_process_stages_killed_and_resumed_write_what_separate_processes_writ
         # (the killed run lacks a stage that finished just before the kill, before its time was written)
         assert stages == every if run == apart else stages == [s for s in every if s in stages], times
         assert len(stages) >= 5 and all(t["seconds"] > 0 and t["peak_rss_gb"] > 0.05 for t in times if "peak_rss_gb" in t)
+    # pi_0 is evaluated before iteration 1 (iteration 0's time), then each new policy after its training
+    assert [t["iteration"] for t in map(json.loads, (apart / "timings.jsonl").read_text().splitlines())
+            if t["stage"] == "evaluate"] == [0, 1, 2]
+    assert [row["iteration"] for row in json.loads((apart / "eval.json").read_text())] == [0, 1, 2]
     argv = json.loads((one / "iter1/model/train_info.json").read_text())["argv"]
     assert Path(argv[0]).name == "train.py" and "--ranked" in argv  # the stage's own command line
 
