@@ -56,6 +56,12 @@ RESERVED = ("seed", "run_dir", "dry-run", "dry_run")
 BOOLEANS = {a.dest for a in iterate.arg_parser()._actions if isinstance(a, argparse.BooleanOptionalAction)}
 
 
+def check_flag(where, key):
+    """A flag a --grid or --combo sets: not one the sweep sets itself."""
+    if key in RESERVED:
+        raise InputError(f"{where}: the sweep sets --{key} itself" + (" (use --seeds)" if key == "seed" else ""))
+
+
 def parse_grid(specs):
     """['loss_type=sppo,dpo', 'eta=3,10'] -> {'loss_type': ['sppo', 'dpo'], 'eta': ['3', '10']}, in the given order."""
     grid = {}
@@ -63,8 +69,7 @@ def parse_grid(specs):
         key, eq, values = spec.partition("=")
         if not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", key):
             raise InputError(f"--grid {spec!r}: expected flag=value1,value2,... (a flag name without dashes)")
-        if key in RESERVED:
-            raise InputError(f"--grid {spec!r}: the sweep sets --{key} itself" + (" (use --seeds)" if key == "seed" else ""))
+        check_flag(f"--grid {spec!r}", key)
         if key in grid:
             raise InputError(f"--grid {spec!r}: flag {key!r} given twice")
         if values.startswith("["):  # a JSON list, for values that contain commas
@@ -102,8 +107,7 @@ def parse_combos(specs, grid):
             key, eq, value = pair.partition("=")
             if not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", key) or value == "":
                 raise InputError(f"--combo {spec!r}: expected flag=value pairs separated by spaces")
-            if key in RESERVED:
-                raise InputError(f"--combo {spec!r}: the sweep sets --{key} itself" + (" (use --seeds)" if key == "seed" else ""))
+            check_flag(f"--combo {spec!r}", key)
             if key in combo:
                 raise InputError(f"--combo {spec!r}: flag {key!r} given twice")
             if key in grid:
