@@ -8,7 +8,7 @@
 values each (flag=value pairs separated by spaces), for settings that go together, such as each
 loss with its own step size. With both, every --combo is combined with every --grid combination.
 
-Each cell (one combination of --grid values x one seed) is an ordinary iterate.py run directory,
+Each cell (one combination of flag values x one seed) is an ordinary iterate.py run directory,
 OUT/loss_type=sppo__eta=3__seed=0, run as `python iterate.py ARGS_AFTER_-- --loss_type sppo --eta 3
 --seed 0 --run_dir CELL` with its output in CELL/sweep.log. When the run exits 0, the sweep writes
 CELL/sweep_done.json (atomically, with the cell's arguments); a cell that has it is skipped, so a
@@ -22,9 +22,9 @@ Every cell's arguments are checked as iterate.py checks them before the first ce
 OUT/sweep.json records the grid, the combos, the seeds, the arguments after -- and the command line.
 OUT/results.md and OUT/results.csv hold one table: per combination and iteration, the number of
 seeds n and the mean and sample standard deviation (ddof=1; empty for n=1) over seeds of every
-numeric field of the cells' eval.json rows (results.md: only the --columns fields, if given; it is
-printed too). OUT/results.png plots --metric against iteration,
-one line per combination (the mean) with a band of +- one standard deviation.
+numeric field of the cells' eval.json rows (results.md, also printed: the --columns fields, if
+given). OUT/results.png plots --metric against iteration, one line per combination (the mean)
+with a band of +- one standard deviation.
 """
 import argparse
 import contextlib
@@ -56,8 +56,10 @@ RESERVED = ("seed", "run_dir", "dry-run", "dry_run")
 BOOLEANS = {a.dest for a in iterate.arg_parser()._actions if isinstance(a, argparse.BooleanOptionalAction)}
 
 
-def check_flag(where, key):
-    """A flag a --grid or --combo sets: not one the sweep sets itself."""
+def check_flag(where, key, expected):
+    """A flag a --grid or --combo sets: a flag name without dashes, not one the sweep sets itself."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", key):
+        raise InputError(f"{where}: expected {expected}")
     if key in RESERVED:
         raise InputError(f"{where}: the sweep sets --{key} itself" + (" (use --seeds)" if key == "seed" else ""))
 
@@ -67,9 +69,7 @@ def parse_grid(specs):
     grid = {}
     for spec in specs:
         key, eq, values = spec.partition("=")
-        if not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", key):
-            raise InputError(f"--grid {spec!r}: expected flag=value1,value2,... (a flag name without dashes)")
-        check_flag(f"--grid {spec!r}", key)
+        check_flag(f"--grid {spec!r}", key if eq else "", "flag=value1,value2,... (a flag name without dashes)")
         if key in grid:
             raise InputError(f"--grid {spec!r}: flag {key!r} given twice")
         if values.startswith("["):  # a JSON list, for values that contain commas
@@ -105,9 +105,7 @@ def parse_combos(specs, grid):
             raise InputError(f"--combo {spec!r}: {e}") from None
         for pair in pairs or [""]:
             key, eq, value = pair.partition("=")
-            if not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", key) or value == "":
-                raise InputError(f"--combo {spec!r}: expected flag=value pairs separated by spaces")
-            check_flag(f"--combo {spec!r}", key)
+            check_flag(f"--combo {spec!r}", key if eq and value else "", "flag=value pairs separated by spaces")
             if key in combo:
                 raise InputError(f"--combo {spec!r}: flag {key!r} given twice")
             if key in grid:
