@@ -2,8 +2,13 @@
 
     python sweep.py --out runs/sweep-x --grid loss_type=sppo,dpo,ipo --grid eta=3,10 --seeds 0,1,2 -- --preset toy
     python sweep.py --out runs/sweep-x --aggregate-only --metric exploit      # table and plot again, nothing run
+    python sweep.py --out runs/sweep-y --combo 'loss_type=sppo eta=10' --combo 'loss_type=dpo beta=0.3' --seeds 1,2,3
 
-Each cell (one combination of --grid values x one seed) is an ordinary iterate.py run directory,
+--grid gives the cartesian product of its flags' values; --combo gives one combination of flag
+values each (flag=value pairs separated by spaces), for settings that go together, such as each
+loss with its own step size. With both, every --combo is combined with every --grid combination.
+
+Each cell (one combination of flag values x one seed) is an ordinary iterate.py run directory,
 OUT/loss_type=sppo__eta=3__seed=0, run as `python iterate.py ARGS_AFTER_-- --loss_type sppo --eta 3
 --seed 0 --run_dir CELL` with its output in CELL/sweep.log. When the run exits 0, the sweep writes
 CELL/sweep_done.json (atomically, with the cell's arguments); a cell that has it is skipped, so a
@@ -14,11 +19,12 @@ containing commas is written as a JSON list: --grid 'prompts=["a,b","c"]'; an on
 true and false: --grid freeze_embeddings=true,false gives --freeze_embeddings / --no-freeze_embeddings.
 Every cell's arguments are checked as iterate.py checks them before the first cell runs.
 
-OUT/sweep.json records the grid, the seeds, the arguments after -- and the command line.
+OUT/sweep.json records the grid, the combos, the seeds, the arguments after -- and the command line.
 OUT/results.md and OUT/results.csv hold one table: per combination and iteration, the number of
 seeds n and the mean and sample standard deviation (ddof=1; empty for n=1) over seeds of every
-numeric field of the cells' eval.json rows. OUT/results.png plots --metric against iteration,
-one line per combination (the mean) with a band of +- one standard deviation.
+numeric field of the cells' eval.json rows (results.md, also printed: the --columns fields, if
+given). OUT/results.png plots --metric against iteration, one line per combination (the mean)
+with a band of +- one standard deviation.
 """
 import argparse
 import contextlib
@@ -50,15 +56,20 @@ RESERVED = ("seed", "run_dir", "dry-run", "dry_run")
 BOOLEANS = {a.dest for a in iterate.arg_parser()._actions if isinstance(a, argparse.BooleanOptionalAction)}
 
 
+def check_flag(where, key, expected):
+    """A flag a --grid or --combo sets: a flag name without dashes, not one the sweep sets itself."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", key):
+        raise InputError(f"{where}: expected {expected}")
+    if key in RESERVED:
+        raise InputError(f"{where}: the sweep sets --{key} itself" + (" (use --seeds)" if key == "seed" else ""))
+
+
 def parse_grid(specs):
     """['loss_type=sppo,dpo', 'eta=3,10'] -> {'loss_type': ['sppo', 'dpo'], 'eta': ['3', '10']}, in the given order."""
     grid = {}
     for spec in specs:
         key, eq, values = spec.partition("=")
-        if not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", key):
-            raise InputError(f"--grid {spec!r}: expected flag=value1,value2,... (a flag name without dashes)")
-        if key in RESERVED:
-            raise InputError(f"--grid {spec!r}: the sweep sets --{key} itself" + (" (use --seeds)" if key == "seed" else ""))
+        check_flag(f"--grid {spec!r}", key if eq else "", "flag=value1,value2,... (a flag name without dashes)")
         if key in grid:
             raise InputError(f"--grid {spec!r}: flag {key!r} given twice")
         if values.startswith("["):  # a JSON list, for values that contain commas
@@ -82,6 +93,32 @@ def parse_grid(specs):
     return grid
 
 
+def parse_combos(specs, grid):
+    """["loss_type=sppo eta=10", ...] -> [{'loss_type': 'sppo', 'eta': '10'}, ...]: each one combination,
+    its flags in the given order; a value with spaces is quoted as in a shell."""
+    combos = []
+    for spec in specs:
+        combo = {}
+        try:
+            pairs = shlex.split(spec)
+        except ValueError as e:
+            raise InputError(f"--combo {spec!r}: {e}") from None
+        for pair in pairs or [""]:
+            key, eq, value = pair.partition("=")
+            check_flag(f"--combo {spec!r}", key if eq and value else "", "flag=value pairs separated by spaces")
+            if key in combo:
+                raise InputError(f"--combo {spec!r}: flag {key!r} given twice")
+            if key in grid:
+                raise InputError(f"--combo {spec!r}: flag {key!r} is a --grid flag too")
+            if key in BOOLEANS and value not in ("true", "false"):
+                raise InputError(f"--combo {spec!r}: --{key} is on or off: give true or false")
+            combo[key] = value
+        if combo in combos:
+            raise InputError(f"--combo {spec!r}: given twice")
+        combos.append(combo)
+    return combos
+
+
 def parse_seeds(text):
     try:
         seeds = [int(s) for s in text.split(",")]
@@ -92,13 +129,14 @@ def parse_seeds(text):
     return seeds
 
 
-def check_iterate_args(iterate_args, grid):
-    """The arguments after -- go to every cell: they must not set what the grid or the sweep sets."""
+def check_iterate_args(iterate_args, grid, combos=()):
+    """The arguments after -- go to every cell: they must not set what the grid, a combo or the sweep sets."""
+    varied = set(grid).union(*combos)
     for arg in iterate_args:
         flag = arg[2:].split("=")[0] if arg.startswith("--") else None
-        if flag in RESERVED or flag in grid:
+        if flag in RESERVED or flag in varied:
             raise InputError(f"argument {arg!r} after --: the sweep sets --{flag} for each cell"
-                             + (" (it is a --grid flag)" if flag in grid else ""))
+                             + (" (it is a --grid flag)" if flag in grid else " (a --combo sets it)" if flag in varied else ""))
 
 
 def name_part(value):
@@ -109,9 +147,16 @@ def name_part(value):
     return safe
 
 
-def combinations(grid):
-    """The cartesian product of the grid in the order given (the last flag varies fastest)."""
-    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+def combinations(grid, combos=()):
+    """The cartesian product of the grid in the order given (the last flag varies fastest); with
+    combos, each combo (in order) with each of those."""
+    product = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    return [dict(combo, **settings) for combo in combos for settings in product] if combos else product
+
+
+def setting_keys(settings_list):
+    """The flags the combinations set, in order of first appearance: the table's leading columns."""
+    return list(dict.fromkeys(k for settings in settings_list for k in settings))
 
 
 def cell_name(settings, seed):
@@ -125,12 +170,12 @@ def flag_args(key, value):
     return [f"--{key}", value]
 
 
-def cells(grid, seeds, iterate_args):
+def cells(grid, seeds, iterate_args, combos=()):
     """Every (combination, seed) with its directory name and the iterate.py arguments (without --run_dir).
     Seed-major: all combinations at the first seed run first, so a partial sweep already compares them."""
     out = []
     for seed in seeds:
-        for settings in combinations(grid):
+        for settings in combinations(grid, combos):
             args = list(iterate_args) + [a for k, v in settings.items() for a in flag_args(k, v)] + ["--seed", str(seed)]
             out.append({"name": cell_name(settings, seed), "settings": settings, "seed": seed, "args": args})
     return out
@@ -220,10 +265,10 @@ def mean_std(values):
     return mean, std
 
 
-def aggregate(out, grid, seeds):
+def aggregate(out, settings_list, seeds):
     """(metrics, table): per combination and iteration, n seeds and {metric: (mean, std)}."""
     metrics, table = [], []
-    for settings in combinations(grid):
+    for settings in settings_list:
         by_iteration = {}  # iteration -> the rows of the seeds that reached it
         for seed in seeds:
             path = out / cell_name(settings, seed) / "eval.json"
@@ -237,23 +282,26 @@ def aggregate(out, grid, seeds):
     return metrics, table
 
 
-def write_table(out, grid, metrics, table):
-    """results.csv (full precision, metric_mean and metric_std columns) and results.md (mean +- std)."""
+def write_table(out, keys, metrics, table, columns=None):
+    """results.csv (every metric at full precision, metric_mean and metric_std columns) and results.md
+    (mean +- std of the `columns`, default every metric); returns the markdown."""
     def number(x, fmt=None):  # full precision (repr) without fmt
         return "" if x is None else repr(x) if fmt is None else format(x, fmt)
 
-    head = list(grid) + ["iteration", "n"]
+    columns = columns or metrics
+    head = list(keys) + ["iteration", "n"]
     csv_rows = [head + [f"{m}_{s}" for m in metrics for s in ("mean", "std")]]
-    md = ["| " + " | ".join(head + metrics) + " |", "|" + "---|" * (len(head) + len(metrics))]
+    md = ["| " + " | ".join(head + columns) + " |", "|" + "---|" * (len(head) + len(columns))]
     for entry in table:
-        keys = list(entry["settings"].values()) + [entry["iteration"], entry["n"]]
-        stats = [entry["stats"].get(m, (None, None)) for m in metrics]
-        csv_rows.append(keys + [number(x) for mean, std in stats for x in (mean, std)])
-        cells = [number(mean, ".3f") + ("" if std is None else f" ± {std:.3f}") for mean, std in stats]
-        md.append("| " + " | ".join([str(k) for k in keys] + cells) + " |")
+        row = [entry["settings"].get(k, "") for k in keys] + [entry["iteration"], entry["n"]]
+        stats = {m: entry["stats"].get(m, (None, None)) for m in metrics}
+        csv_rows.append(row + [number(x) for m in metrics for x in stats[m]])
+        cells = [number(mean, ".3f") + ("" if std is None else f" ± {std:.3f}") for mean, std in map(stats.get, columns)]
+        md.append("| " + " | ".join([str(k) for k in row] + cells) + " |")
     md.append("\nmean ± sample standard deviation (ddof=1) over the n seeds that reached the iteration.")
     atomic_write(out / "results.csv", lambda f: csv.writer(f, lineterminator="\n").writerows(csv_rows))
     atomic_write(out / "results.md", lambda f: f.write("\n".join(md) + "\n"))
+    return "\n".join(md)
 
 
 def plot(out, metric, table):
@@ -290,10 +338,14 @@ def parse_args(argv):
     ap.add_argument("--out", required=True, type=Path, help="the sweep directory; one subdirectory per cell")
     ap.add_argument("--grid", action="append", default=[], metavar="FLAG=V1,V2",
                     help="an iterate.py flag and its values; repeat for a cartesian product")
+    ap.add_argument("--combo", action="append", default=[], metavar="'FLAG=V FLAG2=V2'",
+                    help="one combination of iterate.py flag values; repeat for several (times the --grid product)")
     ap.add_argument("--seeds", help="comma-separated seeds, each a cell of every combination (default 0)")
     ap.add_argument("--metric", help="the eval.json field plotted (default: the first numeric one)")
+    ap.add_argument("--columns", help="comma-separated eval.json fields shown in results.md, in this order "
+                    "(default: every numeric one; results.csv has all)")
     ap.add_argument("--aggregate-only", dest="aggregate_only", action="store_true",
-                    help="rebuild table and plot from the cells; without --grid and --seeds: those of OUT/sweep.json")
+                    help="rebuild table and plot from the cells; without --grid, --combo and --seeds: those of OUT/sweep.json")
     args = ap.parse_args(argv[:split])
     args.iterate_args = argv[split + 1:]
     args.command = shlex.join([Path(sys.executable).name, "sweep.py"] + argv)  # what sweep.json records
@@ -306,15 +358,17 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     out = args.out.resolve()
     try:
-        if args.aggregate_only and not args.grid and args.seeds is None:
+        if args.aggregate_only and not args.grid and not args.combo and args.seeds is None:
             if not (out / "sweep.json").exists():
                 raise InputError(f"{out / 'sweep.json'}: missing; give --grid and --seeds, or run the sweep first")
             recorded = json.loads((out / "sweep.json").read_text())
             grid, seeds = dict(recorded["grid"]), recorded["seeds"]
+            combos = [dict(pairs) for pairs in recorded.get("combos", [])]
         else:
             grid, seeds = parse_grid(args.grid), parse_seeds(args.seeds or "0")
-            check_iterate_args(args.iterate_args, grid)
-        todo, failed = cells(grid, seeds, args.iterate_args), []
+            combos = parse_combos(args.combo, grid)
+            check_iterate_args(args.iterate_args, grid, combos)
+        todo, failed = cells(grid, seeds, args.iterate_args, combos), []
         if not args.aggregate_only:
             for cell in todo:  # a bad flag, value or choice anywhere in the grid: one line now (exit 2), no cell run
                 iterate.parse_args(cell["args"])
@@ -322,22 +376,27 @@ def main(argv=None):
             with sweep_lock(out):
                 # the grid as [flag, values] pairs: write_json sorts an object's keys, and the order names the cells
                 write_json(out / "sweep.json", {"grid": list(grid.items()), "seeds": seeds,
+                                                "combos": [list(combo.items()) for combo in combos],
                                                 "iterate_args": args.iterate_args, "iterate": ITERATE,
                                                 "command": args.command, "cells": [c["name"] for c in todo]})
                 for i, cell in enumerate(todo):
                     print(f"[{i + 1}/{len(todo)}] {cell['name']}", flush=True)
                     if not run_cell(cell, out / cell["name"]):
                         failed.append(cell["name"])
-        metrics, table = aggregate(out, grid, seeds)
-        if args.metric and args.metric not in metrics:
-            raise InputError(f"--metric {args.metric!r}: not a numeric field of the cells' eval.json "
-                             f"(found: {', '.join(metrics) or 'none'})")
+        settings_list = combinations(grid, combos)
+        metrics, table = aggregate(out, settings_list, seeds)
+        columns = args.columns.split(",") if args.columns else None
+        for name, wanted in (("--metric", [args.metric] if args.metric else []), ("--columns", columns or [])):
+            unknown = [m for m in wanted if m not in metrics]
+            if unknown:
+                raise InputError(f"{name} {','.join(wanted)!r}: {', '.join(unknown)} not a numeric field of the cells' "
+                                 f"eval.json (found: {', '.join(metrics) or 'none'})")
     except InputError as e:
         fail_with(e)
     if not table:
         print(f"no cell in {out} has an eval.json yet: no table", flush=True)
     else:
-        write_table(out, grid, metrics, table)
+        print(write_table(out, setting_keys(settings_list), metrics, table, columns), flush=True)
         plot(out, args.metric or metrics[0], table)
         print(f"table: {out / 'results.md'}, {out / 'results.csv'}; plot of {args.metric or metrics[0]}: "
               f"{out / 'results.png'}", flush=True)

@@ -274,7 +274,8 @@ def evaluate(model_dirs, paths, run_dir=None):
 
     win_vs_pi0 = P(pi_t > pi_0); exploit = max_y P(y > pi_t) - 1/2 (0 at the von Neumann winner);
     exploit_avg = exploitability of (1/t) sum_{s=1..t} pi_s (Theorem 4.1's average policy);
-    all averaged over prompts. Families are reported separately too (cyclic vs transitive).
+    invalid = the mass on anything but the five answers; all averaged over prompts, and each also
+    over the cyclic and over the transitive families' prompts (`exploit_cyclic`, ...).
     """
     world = json.loads(Path(paths["world"]).read_text())
     records = [json.loads(line) for line in Path(paths["eval_prompts"]).read_text().splitlines() if line.strip()]
@@ -286,18 +287,30 @@ def evaluate(model_dirs, paths, run_dir=None):
         if key not in SCORED:
             SCORED[key] = policy_distributions(d, records, world)
         dists.append(SCORED[key])
+    return metric_rows(dists, matrices, kinds)
+
+
+def metric_rows(dists, matrices, kinds):
+    """The evaluator's rows from the policies pi_0..pi_T ([N, 6] each: A..E and invalid per prompt),
+    the prompts' matrices and their families' kinds: each metric averaged over all prompts, then
+    over the prompts of each kind (`_cyclic`, `_transitive`)."""
+    kinds = np.asarray(kinds)
+
+    def by_kind(name, per_prompt):  # {name: mean, name_cyclic: mean over cyclic prompts, ...}
+        out = {name: float(per_prompt.mean())}
+        for kind in ("cyclic", "transitive"):
+            out[f"{name}_{kind}"] = float(per_prompt[kinds == kind].mean()) if (kinds == kind).any() else float("nan")
+        return out
+
     rows = []
     for t, pi in enumerate(dists):
         avg = np.mean(dists[1:t + 1], axis=0) if t > 0 else pi
-        expl = np.array([games.exploitability(M, p) for M, p in zip(matrices, pi)])
         rows.append({
             "iteration": t,
-            "win_vs_pi0": float(np.mean([games.win_rate(M, p, q) for M, p, q in zip(matrices, pi, dists[0])])),
-            "exploit": float(expl.mean()),
-            "exploit_avg": float(np.mean([games.exploitability(M, p) for M, p in zip(matrices, avg)])),
-            "exploit_cyclic": float(expl[kinds == "cyclic"].mean()),
-            "exploit_transitive": float(expl[kinds == "transitive"].mean()),
-            "invalid": float(pi[:, 5].mean()),
+            **by_kind("win_vs_pi0", np.array([games.win_rate(M, p, q) for M, p, q in zip(matrices, pi, dists[0])])),
+            **by_kind("exploit", np.array([games.exploitability(M, p) for M, p in zip(matrices, pi)])),
+            **by_kind("exploit_avg", np.array([games.exploitability(M, p) for M, p in zip(matrices, avg)])),
+            **by_kind("invalid", pi[:, 5]),
             "eta_eff": effective_eta(matrices, dists[t - 1], pi) if t > 0 else float("nan"),
             "mean_policy": pi[:, :5].mean(0).round(3).tolist(),
         })

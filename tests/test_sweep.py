@@ -116,6 +116,14 @@ def test_values_with_commas_and_spaces_are_passed_whole_and_named_safely():
     (["--grid", "eta=3,10", "--", "--eta", "5"], "it is a --grid flag"),
     (["--", "--run_dir", "elsewhere"], "sets --run_dir"),
     (["--", "--dry-run"], "sets --dry-run"),
+    (["--combo", "eta"], "expected flag=value pairs"),
+    (["--combo", ""], "expected flag=value pairs"),
+    (["--combo", "eta=3 eta=4"], "given twice"),
+    (["--combo", "loss_type=dpo", "--combo", "loss_type=dpo"], "given twice"),
+    (["--combo", "seed=1"], "use --seeds"),
+    (["--combo", "eta='3"], "No closing quotation"),
+    (["--combo", "loss_type=dpo eta=3", "--grid", "eta=3,10"], "is a --grid flag too"),
+    (["--combo", "loss_type=dpo beta=0.3", "--", "--beta", "1"], "a --combo sets it"),
 ])
 def test_bad_specs_fail_with_one_line_and_exit_2(tmp_path, fake, capsys, argv, says):
     dash = argv.index("--") if "--" in argv else len(argv)
@@ -308,3 +316,47 @@ def test_bad_eval_json_names_the_file(tmp_path, capsys):
         sweep.main(["--out", str(tmp_path / "sw"), "--aggregate-only", "--seeds", "0"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and f"{cell / 'eval.json'}: row 1: field 'iteration'" in err
+
+
+def test_combos_pair_each_setting_with_its_own_values_times_the_grid():
+    combos = sweep.parse_combos(["loss_type=sppo eta=10", "loss_type=dpo beta=0.3", "loss_type=ipo 'prompts=a b.jsonl'"], {})
+    assert combos == [{"loss_type": "sppo", "eta": "10"}, {"loss_type": "dpo", "beta": "0.3"},
+                      {"loss_type": "ipo", "prompts": "a b.jsonl"}]
+    got = sweep.cells({"K": ["3", "5"]}, [1], ["--preset", "toy"], combos)
+    assert [c["name"] for c in got] == [
+        "loss_type=sppo__eta=10__K=3__seed=1", "loss_type=sppo__eta=10__K=5__seed=1",
+        "loss_type=dpo__beta=0.3__K=3__seed=1", "loss_type=dpo__beta=0.3__K=5__seed=1",
+        "loss_type=ipo__prompts=a-b.jsonl-" + got[4]["name"].split("prompts=a-b.jsonl-")[1].split("__")[0] + "__K=3__seed=1",
+        got[5]["name"]]
+    assert got[3]["args"] == ["--preset", "toy", "--loss_type", "dpo", "--beta", "0.3", "--K", "5", "--seed", "1"]
+    assert got[4]["args"][got[4]["args"].index("--prompts") + 1] == "a b.jsonl"
+    assert sweep.setting_keys([c["settings"] for c in got]) == ["loss_type", "eta", "K", "beta", "prompts"]
+
+
+def test_combo_sweep_runs_its_cells_and_tabulates_the_chosen_columns(tmp_path, fake, capsys):
+    out = tmp_path / "sw"
+    argv = ["--out", str(out), "--combo", "loss_type=sppo eta=3", "--combo", "loss_type=dpo", "--seeds", "0,1",
+            "--columns", "score"] + PASS
+    sweep.main(argv)
+    names = ["loss_type=sppo__eta=3__seed=0", "loss_type=dpo__seed=0", "loss_type=sppo__eta=3__seed=1", "loss_type=dpo__seed=1"]
+    assert fake() == names
+    printed = capsys.readouterr().out
+    md = (out / "results.md").read_text().splitlines()
+    assert md[0] == "| loss_type | eta | iteration | n | score |" and md[0] in printed
+    # the fake's score: shift(loss) + eta * t + 0.1 * seed (eta 10 when not given); seeds 0 and 1
+    std = 0.1 / 2 ** 0.5
+    assert md[2 + 2] == f"| sppo | 3 | 2 | 2 | {3 * 2 + 0.05:.3f} ± {std:.3f} |"
+    assert md[2 + 3 + 1] == f"| dpo |  | 1 | 2 | {0.5 + 10 + 0.05:.3f} ± {std:.3f} |"
+    rows = list(csv.DictReader((out / "results.csv").read_text().splitlines()))
+    assert list(rows[0])[:4] == ["loss_type", "eta", "iteration", "n"] and "score_mean" in rows[0]
+    assert [(r["loss_type"], r["eta"]) for r in rows] == [("sppo", "3")] * 3 + [("dpo", "")] * 3
+    recorded = json.loads((out / "sweep.json").read_text())
+    assert recorded["combos"] == [[["loss_type", "sppo"], ["eta", "3"]], [["loss_type", "dpo"]]]
+    before = (out / "results.csv").read_text()
+    (out / "results.csv").unlink()
+    sweep.main(["--out", str(out), "--aggregate-only"])  # the recorded combos, nothing run
+    assert fake() == names and (out / "results.csv").read_text() == before
+    assert (out / "results.md").read_text().splitlines() == md  # score is the fake's only numeric field
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main(["--out", str(out), "--aggregate-only", "--columns", "score,nope"])
+    assert exit_info.value.code == 2 and "nope not a numeric field" in capsys.readouterr().err

@@ -65,6 +65,35 @@ def test_evaluator_rows_against_direct_computation(toy_world):
     assert "P(pi_t>pi_0)" in table and len(table.splitlines()) == 3
 
 
+def test_metrics_split_by_family_against_loops():
+    """Each metric over the cyclic and over the transitive prompts, against plain loops over
+    prompts, responses and iterations (no matrix products, no shared helper)."""
+    rng = np.random.default_rng(3)
+    kinds = ["cyclic", "transitive", "cyclic", "cyclic", "transitive", "cyclic", "transitive"]
+    matrices = [toy.family_matrix(k) for k in kinds]
+    dists = [rng.dirichlet(np.ones(6) * 0.7, size=len(kinds)) for _ in range(4)]  # pi_0 .. pi_3
+    rows = toy.metric_rows(dists, matrices, kinds)
+
+    def beats(M, y, pi):  # P(y > pi)
+        return sum(M[y][j] * pi[j] for j in range(6))
+
+    for t, row in enumerate(rows):
+        for kind in ("cyclic", "transitive"):
+            idx = [i for i, k in enumerate(kinds) if k == kind]
+            win = [sum(dists[t][i][a] * dists[0][i][b] * matrices[i][a][b] for a in range(6) for b in range(6)) for i in idx]
+            expl = [max(beats(matrices[i], y, dists[t][i]) for y in range(6)) - 0.5 for i in idx]
+            avg = [[sum(dists[s][i][y] for s in range(1, t + 1)) / t for y in range(6)] if t else dists[0][i] for i in idx]
+            expl_avg = [max(beats(matrices[i], y, a) for y in range(6)) - 0.5 for i, a in zip(idx, avg)]
+            assert row[f"win_vs_pi0_{kind}"] == pytest.approx(sum(win) / len(idx), abs=1e-12)
+            assert row[f"exploit_{kind}"] == pytest.approx(sum(expl) / len(idx), abs=1e-12)
+            assert row[f"exploit_avg_{kind}"] == pytest.approx(sum(expl_avg) / len(idx), abs=1e-12)
+            assert row[f"invalid_{kind}"] == pytest.approx(sum(dists[t][i][5] for i in idx) / len(idx), abs=1e-12)
+        # the families differ here, and the overall mean is the prompt-weighted mean of the two
+        assert abs(row["exploit_cyclic"] - row["exploit_transitive"]) > 1e-3
+        for name in ("win_vs_pi0", "exploit", "exploit_avg", "invalid"):
+            assert row[name] == pytest.approx((4 * row[f"{name}_cyclic"] + 3 * row[f"{name}_transitive"]) / 7, abs=1e-12)
+
+
 def test_effective_eta_recovers_the_multiplicative_weights_step():
     rng = np.random.default_rng(0)
     matrices = [toy.family_matrix(k) for k in ("cyclic", "transitive", "cyclic")]
