@@ -438,17 +438,18 @@ def watch_launcher(poll=0.5):
 # ---- model I/O and tokens ---------------------------------------------------------------------
 
 
-_TOKENIZERS = {}  # tokenizer files' contents -> the tokenizer loaded from them, in this process
+_TOKENIZERS = {}  # (directory, its tokenizer files' contents) -> the tokenizer loaded from them, in this process
 
 
 def load_tokenizer(model_dir):
-    """The model directory's tokenizer, with a pad token. Loaded once per process for the same
-    files: every pi_t directory holds the same tokenizer, and Gemma-3's (262,144 tokens) takes
-    6-9 s to load; the stages running in iterate.py's process share it, so none may change it."""
+    """The model directory's tokenizer, with a pad token. Loaded once per process per directory
+    and file contents: Gemma-3's (262,144 tokens) takes 6-9 s to load, and an iteration's stages
+    in iterate.py's process read the same directory up to three times; they share the object,
+    so none may change it. (Per directory, not per contents: `name_or_path` stays true.)"""
     from transformers import AutoTokenizer
     files = sorted(p for p in Path(model_dir).glob("*") if p.is_file() and (
         p.name.startswith(("tokenizer", "special_tokens", "added_tokens", "chat_template", "vocab", "merges", "spiece"))))
-    key = tuple((p.name, hashlib.sha256(p.read_bytes()).hexdigest()) for p in files)
+    key = (str(Path(model_dir).resolve()), *((p.name, hashlib.sha256(p.read_bytes()).hexdigest()) for p in files))
     if files and key in _TOKENIZERS:
         return _TOKENIZERS[key]
     try:

@@ -267,22 +267,24 @@ def test_generation_lm_head_layout_gives_the_same_logits(tok_model):
     assert torch.allclose(plain, swapped, atol=1e-5) and plain.abs().max() > 1
 
 
-def test_tokenizer_is_loaded_once_per_contents(toy_world, tmp_path):
-    """Two directories with the same tokenizer files share one loaded tokenizer; a changed file
-    (here the chat template) is loaded anew, never served from the cache."""
+def test_tokenizer_is_loaded_once_per_directory_and_contents(toy_world, tmp_path):
+    """A directory's tokenizer is loaded once and then shared; a changed file (here the chat
+    template) is loaded anew, never served from the cache; another directory gets its own (its
+    name_or_path is its own path)."""
     import shutil
     src = Path(toy_world["model"])
-    copies = [tmp_path / name for name in ("a", "b", "changed")]
+    copies = [tmp_path / name for name in ("a", "b")]
     for d in copies:
         d.mkdir()
         for f in src.iterdir():
             if f.is_file() and not f.name.endswith(".safetensors"):
                 shutil.copy(f, d / f.name)
-    config = json.loads((copies[2] / "tokenizer_config.json").read_text())
+    a, again, b = load_tokenizer(copies[0]), load_tokenizer(copies[0]), load_tokenizer(copies[1])
+    assert a is again and b is not a and Path(b.name_or_path) == copies[1]
+    config = json.loads((copies[0] / "tokenizer_config.json").read_text())
     config["chat_template"] = "{{ messages[0]['content'] }} changed"
-    (copies[2] / "tokenizer_config.json").write_text(json.dumps(config))
-    for f in copies[2].glob("chat_template*"):
+    (copies[0] / "tokenizer_config.json").write_text(json.dumps(config))
+    for f in copies[0].glob("chat_template*"):
         f.unlink()
-    a, b, changed = (load_tokenizer(d) for d in copies)
-    assert a is b and a is load_tokenizer(src)
+    changed = load_tokenizer(copies[0])
     assert changed is not a and changed.chat_template.endswith("changed") and not a.chat_template.endswith("changed")
