@@ -1,6 +1,6 @@
 """train.py on the real LM (Gemma-3-270M): FSDP2 parity, bf16 vs fp32, frozen embeddings. Not a test.
 
-    python bench/bench_gemma.py [--prompts 8] [--steps 2]
+    python bench/bench_gemma.py [--prompts 8] [--steps 2] [--runs fp32,fsdp2,frozen]
 
 Ranked data: sentiment-world prompts with short real continuations, judged by VADER (rank.py's
 `sentiment:VaderJudge`); K = 4, the `sppo` loss on best and worst, the sentiment preset's eta and lr.
@@ -53,6 +53,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--runs", default="fp32,fsdp2,bf16,frozen", help="which runs (fp32, the reference, always runs)")
     args = ap.parse_args()
     import gemma
     from transformers import AutoModelForCausalLM
@@ -68,6 +69,10 @@ def main():
     runs = {"fp32": [sys.executable] + base, "fsdp2": torchrun + base,
             "bf16": [sys.executable] + base + ["--dtype", "bfloat16"],
             "frozen": [sys.executable] + base + ["--freeze_embeddings"]}
+    chosen = {"fp32", *args.runs.split(",")}
+    if chosen - set(runs):
+        raise SystemExit(f"--runs: unknown {sorted(chosen - set(runs))}; choose from {sorted(runs)}")
+    runs = {name: cmd for name, cmd in runs.items() if name in chosen}
     results = {}
     for name, cmd in runs.items():
         out = root / name
@@ -77,7 +82,7 @@ def main():
         results[name] = {"seconds": seconds, "peak_rss_gb": rss, "loss_step1": metrics[0]["loss"],
                          "step_seconds": _util.median(step_times)}
     reference = AutoModelForCausalLM.from_pretrained(root / "fp32").state_dict()
-    for name in ("fsdp2", "bf16", "frozen"):
+    for name in sorted(chosen - {"fp32"}):
         other = AutoModelForCausalLM.from_pretrained(root / name).state_dict()
         results[name]["max_param_diff_vs_fp32"] = max((reference[k] - other[k]).abs().max().item() for k in reference)
     start = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
