@@ -237,6 +237,9 @@ def run_here(script, argv):
 
     import torch
     module = importlib.import_module(script.stem)
+    if not gc.get_freeze_count():  # once: what lives now (imports, this run's state) stays, so the
+        gc.collect()               # collection after each stage scans only what stages made (~0.3 s less each)
+        gc.freeze()
     saved = sys.argv, torch.get_rng_state(), random.getstate()
     sys.argv = [str(script)] + [str(a) for a in argv]
     try:
@@ -413,7 +416,8 @@ def main(argv=None):
         rows = world_module.evaluate(models, world, run_dir)
         print("\nevaluation on the held-out prompts:\n" + world_module.format_table(rows), flush=True)
         write_json(run_dir / "eval.json", rows)
-        world_module.plot(rows, run_dir / "eval.png")
+        if t == args.iterations:  # the plot once, at the end (matplotlib and each drawing cost ~1 s on the toy)
+            world_module.plot(rows, run_dir / "eval.png")
         log_time(timings, t0, iteration=t, stage="evaluate")
 
     models = [args.model]
