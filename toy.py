@@ -19,6 +19,7 @@ import argparse
 import functools
 import inspect
 import json
+import math
 import random
 import re
 from pathlib import Path
@@ -144,11 +145,15 @@ def shared_prompt_logps(model, pairs, A, pad_id):
     return (first.gather(-1, answer_ids[:, :1]).squeeze(-1) + later.sum(-1)).view(-1, A)
 
 
-def sft_base_model(model, tokenizer, records, steps=150, batch_prompts=64, lr=3e-3, seed=0):
-    """Fit pi(answer | prompt) to BASE_POLICY by expected NLL: min -sum_a pi_0(a) log pi(a | x)."""
+def sft_base_model(model, tokenizer, records, steps=150, batch_prompts=64, lr=3e-3, seed=0, decay=None):
+    """Fit pi(answer | prompt) to BASE_POLICY by expected NLL: min -sum_a pi_0(a) log pi(a | x).
+    The world uses a constant lr; `decay` ("linear", "cosine": to 0 at the last step) is for
+    bench/toy_sft_recipes.py, which measures cheaper recipes."""
     rng = random.Random(seed)
     base = torch.tensor(BASE_POLICY)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    factor = {None: lambda s: 1.0, "linear": lambda s: 1 - s / steps,
+              "cosine": lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))}[decay]
     model.train()
     loss = torch.tensor(float("nan"))
     for step in range(steps):
@@ -157,6 +162,8 @@ def sft_base_model(model, tokenizer, records, steps=150, batch_prompts=64, lr=3e
         loss = -(logps * base).sum(-1).mean()
         opt.zero_grad()
         loss.backward()
+        for group in opt.param_groups:
+            group["lr"] = lr * factor(step)
         opt.step()
     model.eval()
     return loss.item()
@@ -181,17 +188,8 @@ def build_world(out_dir, seed=0, sft_steps=150):
 
 def make_world(paths, seed, sft_steps):
     """Tokenizer, base model (fit to BASE_POLICY), prompt files and world.json, written to `paths`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    train, held_out = make_prompts()
-    random.Random(seed).shuffle(train)
-    corpus = [r["prompt"] for r in train + held_out] + [" ".join(a) for a, _ in FAMILIES.values()] * 20
-    tokenizer = train_tokenizer(corpus, paths["model"])
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(config)
+    train, held_out, tokenizer = prompts_and_tokenizer(seed, paths["model"])
+    model = untrained_model(tokenizer, seed)
     loss = sft_base_model(model, tokenizer, train, steps=sft_steps, seed=seed)
     model.save_pretrained(paths["model"])
     write_records(paths["train_prompts"], train)
@@ -200,6 +198,25 @@ def make_world(paths, seed, sft_steps):
              "base_policy": BASE_POLICY, "seed": seed, "sft_final_loss": loss,
              "parameters": sum(p.numel() for p in model.parameters())}
     write_json(paths["world"], world)
+
+
+def prompts_and_tokenizer(seed, out_dir):
+    """The world's train prompts (shuffled by seed), held-out prompts, and tokenizer (saved in out_dir)."""
+    train, held_out = make_prompts()
+    random.Random(seed).shuffle(train)
+    corpus = [r["prompt"] for r in train + held_out] + [" ".join(a) for a, _ in FAMILIES.values()] * 20
+    return train, held_out, train_tokenizer(corpus, out_dir)
+
+
+def untrained_model(tokenizer, seed):
+    """The toy policy before SFT: a 2-layer Llama of 0.37M parameters on the world's tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config)
 
 
 # ---- the judge --------------------------------------------------------------------------------

@@ -1,0 +1,53 @@
+"""Cheaper SFT recipes for the toy world's base policy: how well each fits BASE_POLICY. Not a test.
+
+    python bench/toy_sft_recipes.py [--recipes 150x64@3e-3,75x64@6e-3,90x64@3e-3:cosine ...]
+
+A recipe is STEPSxPROMPTS@LR[:linear|cosine]; each starts from the world's seed-0 init and
+prompt order (toy.sft_base_model); the first is the world's own (its loss is world.json's).
+Columns: seconds; gap = final training loss minus the entropy of BASE_POLICY (0 = a perfect
+fit); the largest and mean |pi_0(a | x) - BASE_POLICY(a)| over the held-out prompts; their
+invalid mass (1 - the five answers' probability). Prints a table; appends to bench/results.jsonl.
+"""
+import argparse
+import tempfile
+import time
+
+import _util  # sets sys.path and the thread policy: before torch and the stages
+
+RECIPES = "150x64@3e-3,150x32@3e-3,75x64@6e-3,90x64@3e-3:cosine,90x64@3e-3:linear,90x64@4e-3:cosine,75x32@6e-3,60x32@1e-2"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipes", default=RECIPES)
+    args = ap.parse_args()
+    import torch
+
+    import toy
+    train, held_out, tokenizer = toy.prompts_and_tokenizer(0, tempfile.mkdtemp())
+    base = torch.tensor(toy.BASE_POLICY)
+    entropy = -(base * base.log()).sum().item()
+    rows = []
+    for recipe in args.recipes.split(","):
+        shape, _, rest = recipe.partition("@")
+        lr, _, decay = rest.partition(":")
+        steps, prompts = map(int, shape.split("x"))
+        model = toy.untrained_model(tokenizer, 0)
+        t0 = time.time()
+        loss = toy.sft_base_model(model, tokenizer, train, steps=steps, batch_prompts=prompts, lr=float(lr),
+                                  decay=decay or None)
+        seconds = time.time() - t0
+        with torch.no_grad():
+            pi0 = toy.answer_logps(model, tokenizer, [r["prompt"] for r in held_out],
+                                   [toy.FAMILIES[r["family"]][0] for r in held_out]).exp()
+        dev = (pi0 - base).abs()
+        row = dict(recipe=recipe, seconds=round(seconds, 1), gap=round(loss - entropy, 4), max_dev=round(dev.max().item(), 3),
+                   mean_dev=round(dev.mean().item(), 4), invalid=round(1 - pi0.sum(1).mean().item(), 4))
+        rows.append(row)
+        _util.record("toy_sft_recipes", recipe, **row)
+        print(row, flush=True)
+    print(_util.table(list(rows[0]), [list(r.values()) for r in rows]))
+
+
+if __name__ == "__main__":
+    main()
