@@ -34,10 +34,10 @@ def test_in_process_stages_killed_and_resumed_write_what_separate_processes_writ
     proc = subprocess.Popen(small_run(toy_world, one, "--in_process"), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 1800
-    while not (one / "iter1/ranked.jsonl").exists():
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.05)
-    time.sleep(1.0)
+    while not (one / "iter1/model.tmp").exists():  # train.py's work dir: it is in its training loop
+        # (a sleep after rank.py's output raced the stages: on an idle host iteration 2 had begun)
+        assert proc.poll() is None and time.time() < deadline and not (one / "iter1/model").exists()
+        time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (one / "iter2").exists()
