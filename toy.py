@@ -19,7 +19,6 @@ import argparse
 import functools
 import inspect
 import json
-import math
 import random
 import re
 from pathlib import Path
@@ -145,15 +144,16 @@ def shared_prompt_logps(model, pairs, A, pad_id):
     return (first.gather(-1, answer_ids[:, :1]).squeeze(-1) + later.sum(-1)).view(-1, A)
 
 
-def sft_base_model(model, tokenizer, records, steps=150, batch_prompts=64, lr=3e-3, seed=0, decay=None):
+def sft_base_model(model, tokenizer, records, steps=200, batch_prompts=16, lr=3e-3, seed=0, decay_from=0.7):
     """Fit pi(answer | prompt) to BASE_POLICY by expected NLL: min -sum_a pi_0(a) log pi(a | x).
-    The world uses a constant lr; `decay` ("linear", "cosine": to 0 at the last step) is for
-    bench/toy_sft_recipes.py, which measures cheaper recipes."""
+
+    The lr is constant, then falls linearly to 0 from step decay_from x steps on (1.0: constant):
+    the falling tail averages out the batch noise, so 200 steps of 16 prompts fit as well as 150
+    of 64 at a constant lr did, in about half the time (bench/toy_sft_recipes.py measures recipes)."""
     rng = random.Random(seed)
     base = torch.tensor(BASE_POLICY)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    factor = {None: lambda s: 1.0, "linear": lambda s: 1 - s / steps,
-              "cosine": lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))}[decay]
+    tail = max((1 - decay_from) * steps, 1)
     model.train()
     loss = torch.tensor(float("nan"))
     for step in range(steps):
@@ -163,7 +163,7 @@ def sft_base_model(model, tokenizer, records, steps=150, batch_prompts=64, lr=3e
         opt.zero_grad()
         loss.backward()
         for group in opt.param_groups:
-            group["lr"] = lr * factor(step)
+            group["lr"] = lr * min(1.0, (steps - step) / tail)
         opt.step()
     model.eval()
     return loss.item()
@@ -177,7 +177,7 @@ def world_paths(out_dir):
             "judge": "toy:ToyJudge", "judge_path": out_dir / "world.json"}
 
 
-def build_world(out_dir, seed=0, sft_steps=150):
+def build_world(out_dir, seed=0, sft_steps=200):
     """The toy world in out_dir, built there once (common.build_once: atomically, one builder at a
     time; a built one is found, not rebuilt); returns its paths."""
     with build_once(out_dir) as tmp:

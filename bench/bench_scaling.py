@@ -7,7 +7,8 @@ K(K-1).
 
 Each configuration (prompts N, K, max_new_tokens L) runs in its own child process, which calls
 the stages' real entry points in-process (generate.main, rank.main, train.main with the toy
-preset's flags: T=1, eta=10, lr 1e-4, 5 epochs, batch 32, loss sppo) so that peak RSS belongs
+preset's flags when BENCHMARKS.md section 5 was measured: T=1, eta=10, lr 1e-4, 5 epochs, batch
+32, loss sppo; kept so its rows stay comparable) so that peak RSS belongs
 to that configuration alone; the import time of torch/transformers (paid once per child) is
 reported separately. The model is the toy world's tiny Llama after a single SFT step, so it
 rarely emits EOS and responses really grow with L. The toy judge is exact and nearly free;

@@ -1,9 +1,11 @@
 """Cheaper SFT recipes for the toy world's base policy: how well each fits BASE_POLICY. Not a test.
 
-    python bench/toy_sft_recipes.py [--recipes 150x64@3e-3,75x64@6e-3,90x64@3e-3:cosine ...]
+    python bench/toy_sft_recipes.py [--recipes 200x16@3e-3:0.7,150x64@3e-3:1 ...]
 
-A recipe is STEPSxPROMPTS@LR[:linear|cosine]; each starts from the world's seed-0 init and
-prompt order (toy.sft_base_model); the first is the world's own (its loss is world.json's).
+A recipe is STEPSxPROMPTS@LR[:DECAY_FROM] (the lr falls linearly to 0 from step DECAY_FROM x
+STEPS on; 1 = constant, the default); each starts from the world's seed-0 init and prompt order
+(toy.sft_base_model); the first is the world's own (its loss is world.json's), the second the
+world's before session 7 (64 prompts per step at a constant lr).
 Columns: seconds; gap = final training loss minus the entropy of BASE_POLICY (0 = a perfect
 fit); the largest and mean |pi_0(a | x) - BASE_POLICY(a)| over the held-out prompts; their
 invalid mass (1 - the five answers' probability). Prints a table; appends to bench/results.jsonl.
@@ -14,7 +16,7 @@ import time
 
 import _util  # sets sys.path and the thread policy: before torch and the stages
 
-RECIPES = "150x64@3e-3,150x32@3e-3,75x64@6e-3,90x64@3e-3:cosine,90x64@3e-3:linear,90x64@4e-3:cosine,75x32@6e-3,60x32@1e-2"
+RECIPES = "200x16@3e-3:0.7,150x64@3e-3,150x32@3e-3,150x32@3e-3:0.7,180x16@3e-3:0.7,200x24@3e-3:0.7,150x32@4e-3:0.6,75x64@6e-3"
 
 
 def main():
@@ -30,12 +32,12 @@ def main():
     rows = []
     for recipe in args.recipes.split(","):
         shape, _, rest = recipe.partition("@")
-        lr, _, decay = rest.partition(":")
+        lr, _, decay_from = rest.partition(":")
         steps, prompts = map(int, shape.split("x"))
         model = toy.untrained_model(tokenizer, 0)
         t0 = time.time()
         loss = toy.sft_base_model(model, tokenizer, train, steps=steps, batch_prompts=prompts, lr=float(lr),
-                                  decay=decay or None)
+                                  decay_from=float(decay_from or 1.0))
         seconds = time.time() - t0
         with torch.no_grad():
             pi0 = toy.answer_logps(model, tokenizer, [r["prompt"] for r in held_out],

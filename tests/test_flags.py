@@ -72,7 +72,8 @@ def test_dry_run_shows_the_forwarded_flags(tmp_path):
     assert value("train", "--grad_clip") == "0.5" and "--freeze_embeddings" in commands["train"]
     assert value("generate", "--batch_size") == "3" and value("rank", "--batch_size") == "5"
     assert value("generate", "--dtype") == value("train", "--dtype") == "float32"  # one flag, two stages
-    assert value("train", "--eta") == "10.0" and value("generate", "--max_new_tokens") == "16"  # the toy preset
+    toy = iterate.PRESETS["toy"]  # the default preset's values reach the stages
+    assert value("train", "--eta") == str(toy["eta"]) and value("generate", "--max_new_tokens") == str(toy["max_new_tokens"])
     assert not (tmp_path / "r").exists()
 
 

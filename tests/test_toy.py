@@ -152,3 +152,26 @@ def test_evaluate_scores_each_model_once_and_a_changed_model_again(toy_world, tm
     model.save_pretrained(mine)
     again = toy.evaluate([toy_world["model"], mine], toy_world)
     assert len(toy.SCORED) == 3 and abs(again[1]["win_vs_pi0"] - 0.5) > 1e-3  # rescored, pi_0 not
+
+
+def test_sft_lr_is_constant_then_falls_linearly_to_zero(toy_world, monkeypatch):
+    """The world's SFT schedule as its docstring states it: lr until step decay_from x steps, then
+    a straight line to 0 (checked against that closed form), and constant with decay_from = 1."""
+    import torch
+
+    from common import load_model, load_tokenizer
+    tok = load_tokenizer(toy_world["model"])
+    train, _ = toy.make_prompts()
+    seen = []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            seen.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    for decay_from, expected in ((0.6, [1, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25]), (1.0, [1] * 10)):
+        seen.clear()
+        model = load_model(toy_world["model"])
+        toy.sft_base_model(model, tok, train, steps=10, batch_prompts=2, lr=2e-3, decay_from=decay_from)
+        assert seen == pytest.approx([2e-3 * f for f in expected])
