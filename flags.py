@@ -1,19 +1,43 @@
-"""Every stage's command line, in one module that does not load torch.
+"""Every command line of the project, in one module that imports nothing of it (and no torch).
 
 generate.py, rank.py and train.py parse their argv with the parsers here; iterate.py builds its
-own command line from the same parsers (it forwards each stage flag and checks each value and
-choice before torch has loaded, ~0.1 s instead of ~3 s). So a flag, its type, its choices and
-its default are written once, here. Defaults are the paper's values (section 5) where the paper
-has one; iterate.py's presets list only what they change.
+own command line from the same parsers and forwards each stage flag to its stage. So a flag, its
+type, its choices and its default are written once, here, and so are the presets that change
+some defaults. Stage defaults are the paper's values (section 5) where the paper has one; a
+preset lists only what it changes; a flag given on the command line wins over both.
+`python iterate.py --dry-run` prints the value each flag resolves to.
 """
 import argparse
+import math
 
-from common import (PROMPT_FORMATS, finite_float, fraction, nonneg_float, nonneg_int, positive_float, positive_int,
-                    probability)
-
+PROMPT_FORMATS = ("auto", "chat", "plain")  # lm.prompt_token_ids
 LOSS_TYPES = ("sppo", "sppo_single", "sppo_hard", "sppo_all", "dpo", "ipo")  # sppo_loss.preference_loss
 P_MODES = ("pairwise", "scores")  # how rank.py's PairRM judge turns its logits into P
 DTYPES = ("auto", "float32", "bfloat16")
+
+
+# ---- value types: a bad value stops the command at parse time ("argument --flag: expected ..."), exit 2
+
+
+def _number_type(cast, ok, what):
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int = _number_type(int, lambda v: v > 0, "an integer > 0")
+nonneg_int = _number_type(int, lambda v: v >= 0, "an integer >= 0")
+finite_float = _number_type(float, lambda v: True, "a finite number")
+positive_float = _number_type(float, lambda v: v > 0, "a finite number > 0")
+nonneg_float = _number_type(float, lambda v: v >= 0, "a finite number >= 0")
+probability = _number_type(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+fraction = _number_type(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
 class Parser(argparse.ArgumentParser):
@@ -115,3 +139,152 @@ def train_parser(description=None):
 
 
 STAGE_PARSERS = {"generate": generate_parser, "rank": rank_parser, "train": train_parser}
+
+
+# ---- iterate.py: its own flags, every stage flag forwarded, and the presets ----------------------
+
+# The stage flags iterate.py sets itself, per iteration (paths, the iteration's model, the seed);
+# every other stage flag is a flag of iterate.py too (stage_flags).
+PLUMBING = {"generate": ("model", "prompts", "out", "seed"), "rank": ("responses", "out", "template_model"),
+            "train": ("model", "ranked", "out", "seed")}
+# Two stages' flags of one name and two meanings get the stage's name here; a flag of one name
+# and one meaning in two stages (--prompt_format, --dtype) is one flag that goes to both.
+RENAMED = {("generate", "batch_size"): "generate_batch_size", ("rank", "batch_size"): "rank_batch_size"}
+
+# Each default is declared once: a stage flag's in its stage's parser above (the paper's values),
+# iterate.py's own flags' in iterate_parser below. A preset lists only what it changes from those
+# (a test checks that none restates a default); a flag given on the command line wins.
+PRESETS = {
+    # The official scripts' values where they differ from the paper's (the stage defaults):
+    # generation at T 0.7, top_p 0.9 with 2048 new tokens (scripts/generate.py), training cut to
+    # max_length 1024 (train.py counts the cuts); gradient checkpointing as
+    # recipes/uclaml-sppo/config_full.yaml; AlpacaEval outputs decoded as models_configs/*/configs.yaml
+    # (iterate.py's --eval_* defaults).
+    "paper": dict(temperature=0.7, top_p=0.9, max_new_tokens=2048, grad_checkpointing=True),
+    # The toy world (worlds/toy.py): NOTES.md says why eta=10, lr=1e-4, 4 epochs and 8 new tokens.
+    "toy": dict(max_new_tokens=8, eta=10.0, lr=1e-4, lr_schedule="constant", epochs=4, global_batch=32, micro_batch=32,
+                max_prompt_length=64, max_length=96, eval_temperature=0.0, eval_top_p=1.0, eval_max_new_tokens=8),
+    # The real-LM world (worlds/sentiment.py: Gemma-3-270M, VADER): NOTES.md has the search behind these values.
+    "sentiment": dict(K=4, max_new_tokens=20, eta=10.0, lr=2e-6, lr_schedule="constant", global_batch=8,
+                      micro_batch=4, max_prompt_length=64, max_length=96, freeze_embeddings=True,
+                      eval_temperature=0.0, eval_top_p=1.0, eval_max_new_tokens=20),
+}
+# Presets that bring their own model, prompts, judge and evaluator (worlds/<preset>.py, with
+# build_world and evaluate); used when no --model is given.
+WORLDS = ("toy", "sentiment")
+# The official runs (uclaml/SPPO run_sppo_*.sh): all three models use the same three UltraFeedback
+# prompt sets, one per iteration, PairRM with its aggregated scores reading the chat-templated
+# prompt (scripts/rank.py), and the paper's training values.
+OFFICIAL_PROMPTS = ",".join(f"UCLA-AGI/data-mistral-7b-instruct-sppo-iter{i}" for i in (1, 2, 3))
+for _name, _model, _own in [("mistral-7b", "mistralai/Mistral-7B-Instruct-v0.2", {}),
+                            ("llama-3-8b", "meta-llama/Meta-Llama-3-8B-Instruct", {}),
+                            ("gemma-2-9b", "google/gemma-2-9b-it", {"micro_batch": 4})]:
+    PRESETS[_name] = dict(PRESETS["paper"], model=_model, prompts=OFFICIAL_PROMPTS, judge="pairrm", p_mode="scores",
+                          judge_prompt="template", backend="vllm", **_own)
+
+
+def stage_flags():
+    """{stage: [(iterate.py's name or None for plumbing, the stage parser's action)]}, in the stage's order."""
+    out = {}
+    for stage, parser in STAGE_PARSERS.items():
+        actions = [a for a in parser()._actions if a.option_strings and a.dest != "help"]
+        out[stage] = [(None if a.dest in PLUMBING[stage] else RENAMED.get((stage, a.dest), a.dest), a) for a in actions]
+    return out
+
+
+STAGE_FLAGS = stage_flags()
+
+
+def add_stage_flags(ap):
+    """Each stage flag (but plumbing) as a flag of iterate.py, once, with the stage's type, choices,
+    default and help. None is required here: the built-in worlds bring their own --judge."""
+    users = {}
+    for stage, pairs in STAGE_FLAGS.items():
+        for name, action in pairs:
+            if name is not None:
+                users.setdefault(name, ([], action))[0].append(f"{stage}.py")
+    for name, (stages, action) in users.items():
+        # the presets that change it, so --help answers "where does the toy's eta come from?"
+        presets = ", ".join(f"{p} {values[name]}" for p, values in PRESETS.items()
+                            if name in values and p in (*WORLDS, "paper"))
+        help_text = (", ".join(stages) + (f": {action.help}" if action.help else "") + " (default: %(default)s"
+                     + (f"; presets: {presets}" if presets else "") + ")")
+        if isinstance(action, argparse.BooleanOptionalAction):
+            ap.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=action.default, help=help_text)
+        else:
+            ap.add_argument(f"--{name}", type=action.type, choices=action.choices, default=action.default,
+                            metavar=action.metavar, help=help_text)
+
+
+def stage_argv(stage, args, **given):
+    """The stage's arguments in the stage's order: the flags `given` (paths, model, seed, and any
+    value set here), every other flag as resolved in `args`; a value None leaves its flag out."""
+    argv = []
+    for name, action in STAGE_FLAGS[stage]:
+        value = given[action.dest] if action.dest in given else getattr(args, name) if name else None
+        if value is None:
+            continue
+        if isinstance(action, argparse.BooleanOptionalAction):
+            argv.append(f"--{action.dest}" if value else f"--no-{action.dest}")
+        else:
+            argv += [f"--{action.dest}", value]
+    return argv
+
+
+def iterate_parser(description=None):
+    """iterate.py's own flags, then every stage flag; a preset's values are set on top in iterate_args."""
+    ap = Parser(prog="iterate.py", description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="base model pi_0 (HF dir or hub name); default: the toy world")
+    ap.add_argument("--prompts", help="JSONL file, saved dataset dir or hub dataset: split in --iterations "
+                    "slices; or one comma-separated source per iteration")
+    ap.add_argument("--prompt_split", default="train", help="dataset split of the prompt sources")
+    ap.add_argument("--prompt_column", default="prompt", help="dataset column holding the prompt")
+    ap.add_argument("--prompts_per_iteration", type=nonneg_int, default=0,
+                    help="at most this many prompts of each iteration's slice (0: the whole slice)")
+    ap.add_argument("--eval_prompts", help="held-out prompts (JSONL, or AlpacaEval's JSON list with 'instruction'): "
+                    "one output per prompt and iteration in AlpacaEval format, decoded with --eval_temperature etc.")
+    ap.add_argument("--eval_max", type=nonneg_int, default=805, help="at most this many eval prompts")
+    # AlpacaEval's own decoding of the official models (models_configs/*/configs.yaml); the other
+    # generation flags are the run's
+    ap.add_argument("--eval_temperature", type=nonneg_float, default=0.7, help="of the --eval_prompts outputs")
+    ap.add_argument("--eval_top_p", type=probability, default=0.9, help="of the --eval_prompts outputs")
+    ap.add_argument("--eval_max_new_tokens", type=positive_int, default=2048, help="of the --eval_prompts outputs")
+    ap.add_argument("--run_dir", help="default runs/{preset}-seed{seed}")
+    ap.add_argument("--world_dir", help="a built-in world's directory, built there once and reused; default: "
+                    "$SPPO_CACHE (else ~/.cache/sppo)/worlds/{preset}-seed{seed}-{hash of the world's code}, "
+                    "shared by every run of that world and seed")
+    ap.add_argument("--iterations", type=positive_int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--preset", choices=sorted(PRESETS), help="default: toy without --model, else paper; "
+                    "toy and sentiment without --model: that built-in world")
+    ap.add_argument("--nproc_per_node", type=positive_int, default=1,
+                    help="processes per stage, e.g. one per GPU; > 1: each stage runs under torchrun")
+    ap.add_argument("--in_process", action=argparse.BooleanOptionalAction, default=None,
+                    help="run each stage's main() in this process, not a process of its own (default: so with one "
+                         "process and no GPU, where it saves each stage's imports; apart on GPUs, so "
+                         "that vLLM's and training's memory are freed between stages, and under torchrun)")
+    ap.add_argument("--dry-run", dest="dry_run", action="store_true", help="print config and commands only")
+    add_stage_flags(ap)
+    return ap
+
+
+def iterate_args(argv=None, description=None):
+    """iterate.py's command line with the preset's values where it gives none: toy without --model
+    (the built-in world), paper with one, or --preset."""
+    ap = iterate_parser(description)
+    args = ap.parse_args(argv)
+    preset = args.preset or ("paper" if args.model else "toy")
+    ap.set_defaults(preset=preset, **PRESETS[preset])  # the preset's values where the command line gives none
+    args = ap.parse_args(argv)
+    if args.model is None and args.preset not in WORLDS:
+        ap.error(f"--preset {args.preset} needs --model (only {', '.join(WORLDS)} bring their own)")
+    if args.model is not None and not (args.prompts and args.judge):
+        ap.error("with --model, give --prompts and --judge too")
+    if args.in_process and (args.nproc_per_node > 1 or args.backend == "vllm"):
+        ap.error("--in_process needs --nproc_per_node 1 and --backend hf")
+    if args.model is not None and args.world_dir:
+        ap.error("--world_dir is for the built-in worlds (no --model)")
+    args.run_dir = args.run_dir or f"runs/{args.preset}-seed{args.seed}"
+    return args
+
+

@@ -5,7 +5,7 @@
 
 Under torchrun each rank generates a contiguous slice of the prompts on its own device
 (cuda:LOCAL_RANK), writes it to a shard file, and rank 0 merges the shards in prompt order
-(common.run_sharded); a re-run after a crash redoes only the shards that were not written.
+(launch.run_sharded); a re-run after a crash redoes only the shards that were not written.
 
 Every record of the prompt file gets "responses" (K strings) and "truncated" (K flags: the
 response hit --max_new_tokens before an end-of-sequence token). Prompts go through the model's
@@ -17,17 +17,17 @@ processes gives the same samples (the merged output of N processes equals one pr
 This uses HF `generate` in greedy mode with a logits processor that adds Gumbel noise to the
 tempered, filtered logits: the argmax of logits/T + Gumbel is an exact sample from softmax(logits/T).
 """
-import contextlib
 import hashlib
 import os
 
 import torch
 from tqdm import tqdm
 
-from common import (InputError, check_model_path, check_output, checked_prompt_ids, dist_env, fail_with, load_model,
-                    load_tokenizer, model_context, path_stamp, prompt_token_ids, read_records, response_end_ids, run_info,
-                    run_sharded, watch_launcher, weight_times_hidden, write_json)
 from flags import generate_parser
+from launch import dist_env, run_sharded, watch_launcher
+from lm import (checked_prompt_ids, cpu_lm_head, load_model, load_tokenizer, model_context, prompt_token_ids,
+                response_end_ids)
+from records import InputError, check_model_path, check_output, fail_with, path_stamp, read_records, run_info, write_json
 
 
 def row_seed(seed: int, prompt_id, k: int) -> int:
@@ -72,22 +72,6 @@ def stop_token_ids(model, tokenizer, prompt_format="auto") -> set:
     return ids | {tokenizer.eos_token_id, response_end_ids(tokenizer, prompt_format)[-1]}
 
 
-@contextlib.contextmanager
-def lm_head_as_weight_times_hidden(model):
-    """While generating on the CPU, the LM head computes its logits as (W h^T)^T, not h W^T:
-    the same dot products in the GEMM layout MKL runs 2-3x faster here (common.weight_times_hidden)."""
-    head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear) or head.bias is not None or head.weight.device.type != "cpu":
-        yield
-        return
-    # contiguous [.., V]: the samplers' and argmax's passes over a transposed tensor are ~10x slower
-    head.forward = lambda hidden: weight_times_hidden(head.weight, hidden).T.contiguous().reshape(*hidden.shape[:-1], -1)
-    try:
-        yield
-    finally:
-        del head.forward  # back to nn.Linear.forward
-
-
 @torch.no_grad()
 def generate_responses(model, tokenizer, records, K, temperature=1.0, top_p=1.0, top_k=0,
                        max_new_tokens=128, seed=0, batch_size=16, desc="generate", prompt_format="auto"):
@@ -111,7 +95,7 @@ def generate_responses(model, tokenizer, records, K, temperature=1.0, top_p=1.0,
         if temperature > 0:
             gens = [torch.Generator().manual_seed(row_seed(seed, records[i]["id"], k)) for i in idx for k in range(K)]
             processors.append(GumbelSampler(gens, temperature, top_k, top_p))
-        with lm_head_as_weight_times_hidden(model):
+        with cpu_lm_head(model):  # the GEMM layout the CPU runs faster (lm.py); no change on a GPU
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                                  logits_processor=processors)
         new_tokens = out[:, width:].tolist()

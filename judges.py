@@ -6,17 +6,19 @@ where P is a [K, K] tensor (or nested list) and scores a [K] list or None. Built
   pairrm  PairRM (Jiang et al. 2023) through llm-blender, the paper's preference model;
   reward  any Bradley-Terry reward model (AutoModelForSequenceClassification, one output).
 `module:factory` names any other: `factory(judge_path)` from `module` (the toy world's judge is
-`toy:ToyJudge`, the sentiment world's `sentiment:VaderJudge`), so a new judge plugs in without
+`toy:ToyJudge`, the sentiment world's `sentiment:VaderJudge`: a module not found at the top level
+is looked up among the built-in worlds, worlds/), so a new judge plugs in without
 touching this file. A judge may count `seen` and `cut` responses; rank.py reports the cut ones.
 """
 import importlib
+import importlib.util
 import warnings
 
 import torch
 import torch.nn.functional as F
 
-from common import InputError
 from flags import P_MODES
+from records import InputError
 from sppo_loss import prob_matrix_from_scores
 
 PAIRRM_HUB_NAME = "llm-blender/PairRM"
@@ -239,6 +241,10 @@ def judge_factory(spec: str):
         raise InputError(f"--judge {spec!r}: unknown judge; give pairrm, reward or module:factory")
     try:
         module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name or importlib.util.find_spec(f"worlds.{module_name}") is None:
+            raise InputError(f"--judge {spec!r}: cannot import module {module_name!r} ({e})") from e
+        module = importlib.import_module(f"worlds.{module_name}")  # a built-in world's judge: toy:ToyJudge
     except ImportError as e:
         raise InputError(f"--judge {spec!r}: cannot import module {module_name!r} ({e})") from e
     if not callable(getattr(module, factory, None)):

@@ -6,7 +6,7 @@
     torchrun --standalone --nproc_per_node=8 rank.py ...same flags...   # one shard per GPU
 
 Under torchrun each rank judges a contiguous slice of the prompts on its own device and rank 0
-merges the shard files in prompt order (common.run_sharded); a re-run redoes only unfinished shards.
+merges the shard files in prompt order (launch.run_sharded); a re-run redoes only unfinished shards.
 
 For every prompt x with responses y_1..y_K the judge gives the K x K matrix
 P[i, j] = P(y_i > y_j | x); the win rate of y_i against the policy that sampled them is the
@@ -17,7 +17,7 @@ plus "P", "win_rate" and, for judges that have them, the raw "scores".
 plug-ins such as the toy world's `toy:ToyJudge`); this file only feeds it and checks its P.
 Judges see the response text and, by default, the plain prompt text (the last user message);
 `--judge_prompt template` shows them the prompt as the official SPPO pipeline shows it to PairRM:
-the policy's chat template up to the answer, as text (common.templated_prompt_text).
+the policy's chat template up to the answer, as text (lm.templated_prompt_text).
 """
 import functools
 import sys
@@ -25,10 +25,11 @@ import sys
 import torch
 from tqdm import tqdm
 
-from common import (InputError, check_output, dist_env, fail_with, load_tokenizer, path_stamp, preference_matrix_problem,
-                    prompt_text, read_records, run_sharded, templated_prompt_text, watch_launcher)
 from flags import rank_parser
 from judges import judge_factory, make_judge
+from launch import dist_env, run_sharded, watch_launcher
+from lm import load_tokenizer, prompt_text, templated_prompt_text
+from records import InputError, check_output, fail_with, path_stamp, preference_matrix_problem, read_records
 from sppo_loss import win_rates
 
 

@@ -17,8 +17,6 @@ the caller decides how to average.
 import torch
 import torch.nn.functional as F
 
-from flags import LOSS_TYPES  # the names train.py's --loss_type takes
-
 
 def prob_matrix_from_scores(scores: torch.Tensor) -> torch.Tensor:
     """Bradley-Terry view of per-response scores: [..., K] -> [..., K, K].
@@ -155,7 +153,7 @@ def preference_loss(loss_type: str, *, logratios, win_rate, P, used, eta: float,
             loss = (dpo_loss if loss_type == "dpo" else ipo_loss)(logratio_w, logratio_l, beta)
             targets = torch.full_like(logratios, float("nan"))
         else:
-            raise ValueError(f"unknown loss_type {loss_type!r}; choose from {LOSS_TYPES}")
+            raise ValueError(f"unknown loss_type {loss_type!r}")
     preferred = wins[rows, chosen] > wins[rows, rejected]
     logratio_chosen, logratio_rejected = logratios[rows, chosen], logratios[rows, rejected]
     return loss, {"logratio_chosen": logratio_chosen, "logratio_rejected": logratio_rejected,

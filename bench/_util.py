@@ -25,9 +25,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The one place bench scripts get their imports from: run as `python bench/x.py`, a script finds
 # this file beside it (its own directory is sys.path[0]); the project root gives the stages, and
-# tests/ the tiny judges of tests/tiny_models.py.
+# tests/fixtures the tiny judges of tests/fixtures/tiny_models.py.
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "fixtures")]
 RESULTS = ROOT / "bench" / "results.jsonl"
 CACHE = ROOT / "runs" / "bench"  # runs/ is git-ignored
 
@@ -151,7 +151,7 @@ def toy_world(seed=0, sft_steps=10):
 
     sft_steps is small on purpose: speed does not depend on what the model learned.
     """
-    import toy
+    from worlds import toy
     return toy.build_world(CACHE / f"world-s{seed}-sft{sft_steps}", seed=seed, sft_steps=sft_steps)
 
 

@@ -32,8 +32,8 @@ CONTINUATIONS = [" was wonderful, and the staff were kind to us.", " was a compl
 
 def ranked_data(path, n_prompts, seed=0):
     import rank
-    import sentiment
-    from common import write_records
+    from worlds import sentiment
+    from records import write_records
     rng = random.Random(seed)
     train, _ = sentiment.make_prompts()
     records = [dict(r, responses=rng.sample(CONTINUATIONS, 4), truncated=[False] * 4) for r in train[:n_prompts]]
@@ -55,7 +55,7 @@ def main():
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--runs", default="fp32,fsdp2,bf16,frozen", help="which runs (fp32, the reference, always runs)")
     args = ap.parse_args()
-    import gemma
+    from worlds import gemma
     from transformers import AutoModelForCausalLM
     _util.header("train.py on Gemma-3-270M: FSDP2 parity, bf16, frozen embeddings")
     model_dir = gemma.converted_model_dir()

@@ -35,7 +35,7 @@ def tiny_ranker():
 
 
 def make_records(n, K, seed=0):
-    import toy
+    from worlds import toy
     rng = random.Random(seed)
     words = " ".join(tiny_models.CORPUS).split()
     prompts = [r["prompt"] for r in toy.make_prompts()[0]]

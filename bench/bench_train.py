@@ -37,7 +37,7 @@ import _util  # sets HF_HUB_OFFLINE, sys.path: before torch and the stages
 import torch  # noqa: E402
 
 import train  # noqa: E402
-from common import collate, load_model, load_tokenizer  # noqa: E402
+from lm import collate, load_model, load_tokenizer  # noqa: E402
 from sppo_loss import preference_loss  # noqa: E402
 
 BENCH = "train"
@@ -54,7 +54,7 @@ SETTINGS = {  # model: batch pairs per step, response words min..max, timed step
 
 def make_records(n, words, seed=0):
     """n ranked records, K=2 (chosen first), prompts from the toy world, word-salad responses."""
-    import toy
+    from worlds import toy
     rng = random.Random(seed)
     prompts = [r["prompt"] for r in toy.make_prompts()[0]]
     recs = []

@@ -18,8 +18,8 @@ import _util  # sets HF_HUB_OFFLINE, sys.path: before torch and the stages
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-import toy  # noqa: E402
-from common import read_records, write_records  # noqa: E402
+from worlds import toy  # noqa: E402
+from records import read_records, write_records  # noqa: E402
 from iterate import PRESETS, split_prompts  # noqa: E402
 
 

@@ -23,8 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _util  # noqa: E402  (sets HF_HUB_OFFLINE, sys.path)
 
-import iterate  # noqa: E402
-import sentiment  # noqa: E402
+import flags  # noqa: E402
+from worlds import sentiment  # noqa: E402
 
 BENCH = "sentiment_search"
 # the preset's values that train.py takes
@@ -33,7 +33,7 @@ TRAIN_KEYS = ("eta", "lr", "lr_schedule", "epochs", "global_batch", "micro_batch
 
 
 def train_command(base_model, ranked, out, extra):
-    preset = iterate.PRESETS["sentiment"]
+    preset = flags.PRESETS["sentiment"]
     cmd = [sys.executable, str(_util.ROOT / "train.py"), "--model", str(base_model), "--ranked", str(ranked), "--out", str(out),
            "--seed", "0"]
     for key in TRAIN_KEYS:

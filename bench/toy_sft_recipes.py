@@ -25,7 +25,7 @@ def main():
     args = ap.parse_args()
     import torch
 
-    import toy
+    from worlds import toy
     train, held_out, tokenizer = toy.prompts_and_tokenizer(0, tempfile.mkdtemp())
     base = torch.tensor(toy.BASE_POLICY)
     entropy = -(base * base.log()).sum().item()

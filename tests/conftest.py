@@ -8,7 +8,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "fixtures"))  # tiny_models (judges by module:factory), processes
 
 import pytest  # noqa: E402
 
@@ -16,12 +16,12 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def toy_world(tmp_path_factory):
     """The embedded toy world with a short SFT (the tests need a working model, not a good one)."""
-    import toy
+    from worlds import toy
     return toy.build_world(tmp_path_factory.mktemp("toy_world"), seed=0, sft_steps=40)
 
 
 @pytest.fixture(scope="session")
 def gemma_dir():
     """The real LM (google/gemma-3-270m from PyPI), converted once per machine into ~/.cache/sppo."""
-    import gemma
+    from worlds import gemma
     return gemma.converted_model_dir()

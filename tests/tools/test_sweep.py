@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-import sweep
+from tools import sweep
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Stands in for iterate.py: parses the flags a cell gets, logs its call, writes eval.json rows
 # 0..iterations with numbers that depend on the flags and the seed. FAKE_FAIL=<cell name> makes
@@ -137,7 +137,7 @@ def test_bad_specs_fail_with_one_line_and_exit_2(tmp_path, fake, capsys, argv, s
 
 
 def test_bad_spec_from_the_command_line(tmp_path):
-    proc = subprocess.run([sys.executable, "sweep.py", "--out", str(tmp_path / "sw"), "--grid", "eta=3,,10"],
+    proc = subprocess.run([sys.executable, "-m", "tools.sweep", "--out", str(tmp_path / "sw"), "--grid", "eta=3,,10"],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "--grid 'eta=3,,10': empty value" in proc.stderr and proc.stdout == ""

@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
-import lab
-from games import exploitability, von_neumann_winner
+from theory import lab
+from theory.games import exploitability, von_neumann_winner
 from sppo_loss import sppo_loss
 
 GAMES = lab.make_games(0)

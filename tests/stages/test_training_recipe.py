@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import train
-from common import load_model, load_tokenizer, prompt_token_ids, response_token_ids, write_records
+from lm import load_model, load_tokenizer, prompt_token_ids, response_token_ids
+from records import write_records
 
 WORDS = ["apple", "pear", "plum", "fig", "the", "a", "and", "with", "or", "fruit", "party"]
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import generate
 import rank
-import toy
+from worlds import toy
 import train
-from common import write_records
-from test_distributed import in_process, process_tree
+from records import write_records
+from processes import in_process, process_tree
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SEED = 1234  # where the kills land
 RUN_RECORDS = {"responses.jsonl.info.json", "train_info.json", "metrics.jsonl"}  # times, argv: not results
 # each stage's progress bar shows when its work (not its imports) has begun

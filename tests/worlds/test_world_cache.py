@@ -10,17 +10,18 @@ from pathlib import Path
 
 import pytest
 
+import flags
 import iterate
-import sweep
-from common import InputError, build_once
+from records import InputError, build_once
+from tools import sweep
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
-# Builds DIR with common.build_once: notes its pid in DIR.log, writes a file, sleeps SLEEP seconds, writes another.
+# Builds DIR with records.build_once: notes its pid in DIR.log, writes a file, sleeps SLEEP seconds, writes another.
 BUILDER = r'''
 import sys, time
 from pathlib import Path
-from common import build_once
+from records import build_once
 out, sleep = Path(sys.argv[1]), float(sys.argv[2])
 with build_once(out) as tmp:
     if tmp is not None:
@@ -102,16 +103,20 @@ def test_sweep_cells_of_one_seed_share_the_world_and_other_code_gets_another(tmp
     grid = sweep.parse_grid(["loss_type=sppo,dpo", "eta=3,10"])
     dirs = {}
     for cell in sweep.cells(grid, [0, 1], ["--preset", "toy"]):
-        args = iterate.parse_args(cell["args"] + ["--run_dir", str(tmp_path / cell["name"])])
+        args = flags.iterate_args(cell["args"] + ["--run_dir", str(tmp_path / cell["name"])])
         dirs.setdefault(cell["seed"], set()).add(iterate.default_world_dir(args.preset, args.seed))
     assert len(dirs[0]) == len(dirs[1]) == 1 and dirs[0] != dirs[1]
-    # another version of the world's code (or of common.py) is another world
-    for name in ("toy.py", "common.py"):
+    # another version of the world's code (or of a shared module it is built with) is another world
+    (tmp_path / "worlds").mkdir()
+    for name in ("worlds/toy.py", *iterate.WORLD_CODE):
         (tmp_path / name).write_bytes((ROOT / name).read_bytes())
     monkeypatch.setattr(iterate, "HERE", tmp_path)
     assert iterate.default_world_dir("toy", 0) in dirs[0]
-    (tmp_path / "toy.py").write_text((ROOT / "toy.py").read_text() + "\n# edited\n")
-    assert iterate.default_world_dir("toy", 0) not in dirs[0]
+    for name in ("worlds/toy.py", *iterate.WORLD_CODE):
+        original = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(original + b"\n# edited\n")
+        assert iterate.default_world_dir("toy", 0) not in dirs[0], name
+        (tmp_path / name).write_bytes(original)
     monkeypatch.setenv("SPPO_CACHE", str(tmp_path / "cache"))
     assert iterate.default_world_dir("toy", 0).parent == tmp_path / "cache" / "worlds"
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (InputError, build_once, collate, load_model, load_tokenizer, prompt_token_ids, response_token_ids,
-                    sequence_logps, write_json, write_records)
+from lm import collate, load_model, load_tokenizer, prompt_token_ids, response_token_ids, sequence_logps
+from records import InputError, build_once, write_json, write_records
 from sppo_loss import prob_matrix_from_scores
 
 JUDGE_PACKAGES = "vaderSentiment afinn textblob"
@@ -59,14 +59,14 @@ def make_prompts():
 def world_paths(out_dir):
     """Where each part of the world is (the prompts in out_dir, the model in the converted-model
     cache), and its judge."""
-    import gemma
+    from worlds import gemma
     out_dir = Path(out_dir)
     return {"model": gemma.cache_root() / gemma.MODEL_DIR_NAME, "train_prompts": out_dir / "train_prompts.jsonl",
             "eval_prompts": out_dir / "eval_prompts.jsonl", "judge": "sentiment:VaderJudge", "judge_path": None}
 
 
 def build_world(out_dir, seed=0):
-    """The world's prompt files in out_dir, written once (common.build_once), and the converted
+    """The world's prompt files in out_dir, written once (records.build_once), and the converted
     model; returns their paths."""
     import random
 

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import games
-from common import (InputError, build_once, load_model, load_tokenizer, path_stamp, prompt_token_ids, response_token_ids,
-                    write_json, write_records)
+from lm import load_model, load_tokenizer, prompt_token_ids, response_token_ids
+from records import InputError, build_once, path_stamp, write_json, write_records
+from theory import games
 
 FAMILIES = {  # category: (answers in roles A..E, kind)
     "fruit": (["apple", "pear", "plum", "fig", "lime"], "cyclic"),
@@ -110,7 +110,7 @@ def answer_logps(model, tokenizer, prompts, answers, prompts_per_forward=128):
 
     Each prompt is run once and its keys and values are shared by all its answers (a KV cache
     repeated per answer): the numbers of scoring each (prompt, answer) sequence whole
-    (common.sequence_logps; equal to ~5e-7), from a third of the tokens. Only the canonical
+    (lm.sequence_logps; equal to ~5e-7), from a third of the tokens. Only the canonical
     tokenisation of each answer is scored; other token paths to the same text count as invalid
     mass (they are rare and the evaluator says so).
     """
@@ -178,7 +178,7 @@ def world_paths(out_dir):
 
 
 def build_world(out_dir, seed=0, sft_steps=200):
-    """The toy world in out_dir, built there once (common.build_once: atomically, one builder at a
+    """The toy world in out_dir, built there once (records.build_once: atomically, one builder at a
     time; a built one is found, not rebuilt); returns its paths."""
     with build_once(out_dir) as tmp:
         if tmp is not None:

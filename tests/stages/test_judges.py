@@ -13,7 +13,7 @@ import torch
 import judges
 import rank
 import tiny_models
-from common import prompt_text
+from lm import prompt_text
 
 PROMPTS = [  # short texts: DeBERTa's relative attention is quadratic in length
     ("a", "which fruit suits the picnic", ["the apple", "a pear is soft", "fig", "i think you should bring a lime"]),

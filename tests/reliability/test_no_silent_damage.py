@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 
 import train
-from common import load_tokenizer, path_stamp, prompt_token_ids, response_token_ids, shard_path, write_records
+from launch import shard_path
+from lm import load_tokenizer, prompt_token_ids, response_token_ids
+from records import path_stamp, write_records
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def ranked(n=4):
@@ -117,7 +119,7 @@ class SlowJudge:
 
 
 def descendants(pid):
-    from test_distributed import process_tree
+    from processes import process_tree
     return [p for p in process_tree(pid) if p != pid]
 
 
@@ -125,10 +127,10 @@ def test_ranks_exit_when_their_launcher_is_killed(tmp_path):
     src, out = tmp_path / "responses.jsonl", tmp_path / "ranked.jsonl"
     write_records(src, [{"id": i, "prompt": f"p{i}", "responses": ["a", "bb", "ccc"]} for i in range(6)])
     calls = tmp_path / "calls.txt"
-    judge = ["--judge", "test_reliability:SlowJudge", "--judge_path", str(calls)]
+    judge = ["--judge", "test_no_silent_damage:SlowJudge", "--judge_path", str(calls)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "rank.py"),
            "--responses", str(src), "--out", str(out), *judge]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests" / "fixtures"), str(Path(__file__).parent)]))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(env, JUDGE_SLEEP="120"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120

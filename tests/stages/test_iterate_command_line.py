@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-import iterate
-import sweep
+import flags
+from tools import sweep
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CANDIDATES = ("3", "0.25", "m:f", "x")  # a value of each flag's type that is not its default is among these
 
 
@@ -33,7 +33,7 @@ def other_value(action):
 
 def user_flags():
     """[(iterate.py's name, stage, the stage's action)] for every stage flag a user sets through iterate.py."""
-    return [(name, stage, action) for stage, pairs in iterate.STAGE_FLAGS.items() for name, action in pairs if name]
+    return [(name, stage, action) for stage, pairs in flags.STAGE_FLAGS.items() for name, action in pairs if name]
 
 
 def test_every_stage_flag_reaches_its_stage_and_no_other():
@@ -50,9 +50,9 @@ def test_every_stage_flag_reaches_its_stage_and_no_other():
         else:
             given = [f"--{name}", value]
             expected = [f"--{action.dest}", str(action.type(value) if action.type else value)]
-        args = iterate.parse_args(["--model", "M", "--prompts", "P", "--judge", "pairrm"] + given)
-        for other, pairs in iterate.STAGE_FLAGS.items():
-            argv = [str(a) for a in iterate.stage_argv(other, args, **plumbing[other])]
+        args = flags.iterate_args(["--model", "M", "--prompts", "P", "--judge", "pairrm"] + given)
+        for other, pairs in flags.STAGE_FLAGS.items():
+            argv = [str(a) for a in flags.stage_argv(other, args, **plumbing[other])]
             found = expected in [argv[i:i + len(expected)] for i in range(len(argv))]
             assert found == (name in [n for n, _ in pairs]), (name, other, argv)  # in each stage that has it, only there
 
@@ -72,7 +72,7 @@ def test_dry_run_shows_the_forwarded_flags(tmp_path):
     assert value("train", "--grad_clip") == "0.5" and "--freeze_embeddings" in commands["train"]
     assert value("generate", "--batch_size") == "3" and value("rank", "--batch_size") == "5"
     assert value("generate", "--dtype") == value("train", "--dtype") == "float32"  # one flag, two stages
-    toy = iterate.PRESETS["toy"]  # the default preset's values reach the stages
+    toy = flags.PRESETS["toy"]  # the default preset's values reach the stages
     assert value("train", "--eta") == str(toy["eta"]) and value("generate", "--max_new_tokens") == str(toy["max_new_tokens"])
     assert not (tmp_path / "r").exists()
 
@@ -96,7 +96,7 @@ def test_a_bad_choice_fails_in_one_line_before_torch_loads_or_anything_is_writte
 
 
 def test_each_default_is_declared_once():
-    ap = iterate.arg_parser()
+    ap = flags.iterate_parser()
     actions = {a.dest: a for a in ap._actions}
     # a stage flag's default in iterate.py is the stage parser's, not a second declaration
     for name, stage, action in user_flags():
@@ -111,19 +111,19 @@ def test_each_default_is_declared_once():
     for name, (a, b) in shared.items():
         assert (a.type, a.choices, a.default) == (b.type, b.choices, b.default), name
     # a preset names only real flags and changes each value it lists
-    for preset, values in iterate.PRESETS.items():
+    for preset, values in flags.PRESETS.items():
         for key, value in values.items():
             assert key in actions, (preset, key)
             assert value != ap.get_default(key), f"PRESETS[{preset!r}][{key!r}] = {value!r} restates the default"
 
 
 def test_presets_apply_under_the_command_line():
-    args = iterate.parse_args(["--run_dir", "x"])  # toy
+    args = flags.iterate_args(["--run_dir", "x"])  # toy
     assert (args.eta, args.K, args.temperature, args.warmup_ratio) == (10.0, 5, 1.0, 0.1)  # preset, stage defaults
-    args = iterate.parse_args(["--preset", "mistral-7b", "--no-grad_checkpointing", "--K", "3"])
+    args = flags.iterate_args(["--preset", "mistral-7b", "--no-grad_checkpointing", "--K", "3"])
     assert args.grad_checkpointing is False and args.K == 3 and args.temperature == 0.7 and args.eta == 1000.0
     assert args.model == "mistralai/Mistral-7B-Instruct-v0.2" and args.backend == "vllm" and args.micro_batch == 8
-    assert iterate.parse_args(["--preset", "gemma-2-9b"]).micro_batch == 4
+    assert flags.iterate_args(["--preset", "gemma-2-9b"]).micro_batch == 4
 
 
 def test_sweep_grids_on_off_flags():
@@ -131,20 +131,58 @@ def test_sweep_grids_on_off_flags():
     got = [c["args"] for c in sweep.cells(grid, [0], ["--preset", "toy"])]
     assert got == [["--preset", "toy", "--freeze_embeddings", "--grad_checkpointing", "--seed", "0"],
                    ["--preset", "toy", "--no-freeze_embeddings", "--grad_checkpointing", "--seed", "0"]]
-    assert [iterate.parse_args(a).freeze_embeddings for a in got] == [True, False]
+    assert [flags.iterate_args(a).freeze_embeddings for a in got] == [True, False]
     with pytest.raises(sweep.InputError, match="on or off"):
         sweep.parse_grid(["freeze_embeddings=yes"])
 
 
 def test_sweep_checks_every_cell_before_running_one(tmp_path):
-    res = subprocess.run([sys.executable, "sweep.py", "--out", str(tmp_path / "s"), "--grid", "loss_type=sppo,sppoo"],
+    res = subprocess.run([sys.executable, "-m", "tools.sweep", "--out", str(tmp_path / "s"), "--grid", "loss_type=sppo,sppoo"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "invalid choice: 'sppoo'" in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "s").exists()
 
 
 def test_stage_parsers_load_without_torch():
-    res = subprocess.run([sys.executable, "-c", "import sys, flags, iterate, sweep; print(sorted(m for m in sys.modules "
+    res = subprocess.run([sys.executable, "-c", "import sys, flags, iterate, records, launch, lm, tools.sweep; "
+                          "print(sorted(m for m in sys.modules "
                           "if m.split('.')[0] in ('torch', 'transformers', 'datasets')))"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert json.loads(res.stdout.replace("'", '"')) == [], res.stderr
+
+
+def project_imports():
+    """{module: the project's modules it imports} for every module of the project, read from its source."""
+    import ast
+    files = {str(p.relative_to(ROOT).with_suffix("")).replace("/", "."): p
+             for p in [*ROOT.glob("*.py"), *ROOT.glob("worlds/*.py"), *ROOT.glob("theory/*.py"), *ROOT.glob("tools/*.py")]}
+    graph = {}
+    for name, path in files.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        graph[name] = {m for m in found if m in files and m != name}
+    return graph
+
+
+def test_imports_point_one_way():
+    """The math and the command lines import nothing of the project; no two modules import each other,
+    directly or around a cycle, so every module can be read knowing only the ones below it."""
+    graph = project_imports()
+    assert graph["flags"] == set() and graph["sppo_loss"] == set(), graph
+    assert {"generate", "rank", "train", "iterate", "lm", "records", "launch", "worlds.toy"} <= set(graph)
+    done, path = set(), []
+
+    def visit(m):
+        assert m not in path, f"import cycle: {' -> '.join(path + [m])}"
+        if m not in done:
+            path.append(m)
+            for n in graph[m]:
+                visit(n)
+            path.pop()
+            done.add(m)
+    for m in graph:
+        visit(m)

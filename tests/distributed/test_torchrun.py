@@ -19,9 +19,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common import InputError, read_records, shard_of, write_records
+from launch import shard_of
+from processes import in_process, process_tree
+from records import InputError, read_records, write_records
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORDS = ["apple", "pear", "plum", "fig", "the", "a", "and", "with", "or", "fruit", "party"]
 TIMEOUT = 300  # seconds: a hang fails the test instead of blocking CI
 
@@ -51,7 +53,7 @@ def ranked_records(n, K, equal, seed=0):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    import toy
+    from worlds import toy
     from transformers import LlamaConfig, LlamaForCausalLM
     root = tmp_path_factory.mktemp("dist")
     corpus = ["the apple and the pear with a plum or a fig", "which fruit suits the party"] * 30
@@ -64,7 +66,7 @@ def tiny(tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(root / "model")
     for name, equal in (("equal", True), ("unequal", False)):
         write_records(root / f"{name}.jsonl", ranked_records(23, 4, equal))
-    from common import prompt_token_ids, response_token_ids
+    from lm import prompt_token_ids, response_token_ids
     lengths = {len(prompt_token_ids(tok, r["prompt"]) + response_token_ids(tok, y, False))
                for r in read_records(root / "equal.jsonl", "ranked") for y in r["responses"]}
     assert len(lengths) == 1, lengths  # the "equal" data really has no padding
@@ -77,7 +79,7 @@ def launch(script, *args, nproc=1, env=None, popen=False):
                                                f"--nproc_per_node={nproc}"]
     cmd += [str(ROOT / script), *map(str, args)]
     full_env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-                    PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), **(env or {}))
+                    PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests" / "fixtures"), str(Path(__file__).parent)]), **(env or {}))
     if popen:  # its own session, so the test can find and kill the whole tree
         return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
@@ -94,17 +96,6 @@ EPOCHS = {"equal": 2, "unequal": 4}
 def train_args(tiny, data, out):
     return ["--model", tiny["model"], "--ranked", tiny["root"] / f"{data}.jsonl", "--out", out,
             "--epochs", EPOCHS[data], *TRAIN]
-
-
-def in_process(main, *args):
-    """A stage's main() as one process, here: saves the ~7 s a launch spends importing. One thread,
-    as each torchrun rank has."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        main([str(a) for a in args])
-    finally:
-        torch.set_num_threads(threads)
 
 
 def trained(tiny, data, nproc, *extra):
@@ -160,23 +151,6 @@ def test_two_processes_match_one(tiny, data):
 
 
 # ---- 2. a run killed by SIGKILL resumes and ends where an uninterrupted run ends -------------------
-
-
-def process_tree(pid):
-    """pid and all its descendants, from /proc (torchrun starts each rank in a session of its own)."""
-    children = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo += children.get(p, [])
-    return tree
 
 
 def test_killed_run_resumes_to_the_same_parameters(tiny, capsys):
@@ -283,7 +257,7 @@ def test_generate_and_rank_sharded_equal_single(tiny, tmp_path):
     assert len({y for r in one for y in r["responses"]}) > 3  # it really sampled
 
     log = tmp_path / "judged.txt"
-    judge = ["--responses", tmp_path / "responses1.jsonl", "--judge", "test_distributed:LengthJudge", "--judge_path", log]
+    judge = ["--responses", tmp_path / "responses1.jsonl", "--judge", "test_torchrun:LengthJudge", "--judge_path", log]
     in_process(rank.main, *judge, "--out", tmp_path / "ranked1.jsonl")
     # rank 1 (prompts p3..p6) crashes on p5 after rank 0 wrote its shard: every rank exits, non-zero
     log.unlink()
@@ -310,7 +284,7 @@ def launch_two_nodes(script, *args):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests" / "fixtures"), str(Path(__file__).parent)]))
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
                                "--nproc_per_node=1", "--rdzv_id=sppo-test", "--rdzv_backend=c10d",
                                f"--rdzv_endpoint=127.0.0.1:{port}", str(ROOT / script), *map(str, args)],
@@ -337,7 +311,7 @@ def test_two_nodes_on_one_machine(tiny, tmp_path):
     in_process(generate.main, *gen, "--out", tmp_path / "responses1.jsonl")
     launch_two_nodes("generate.py", *gen, "--out", tmp_path / "responses2.jsonl")
     assert (tmp_path / "responses1.jsonl").read_bytes() == (tmp_path / "responses2.jsonl").read_bytes()
-    judge = ["--responses", tmp_path / "responses1.jsonl", "--judge", "test_distributed:LengthJudge",
+    judge = ["--responses", tmp_path / "responses1.jsonl", "--judge", "test_torchrun:LengthJudge",
              "--judge_path", tmp_path / "judged.txt"]
     in_process(rank.main, *judge, "--out", tmp_path / "ranked1.jsonl")
     launch_two_nodes("rank.py", *judge, "--out", tmp_path / "ranked2.jsonl")

@@ -15,7 +15,7 @@ Exploitability = max_y P(y > pi) - 1/2 (games.exploitability); the paper's duali
 it. For the average of the played policies it equals the MW regret divided by T, because
 P(pi_t > pi_t) = 1/2 for every t.
 
-Run: python lab.py [--T 2000] [--K 8] [--seeds 8] [--out_dir runs/lab] [--seed 0]
+Run: python -m theory.lab [--T 2000] [--K 8] [--seeds 8] [--out_dir runs/lab] [--seed 0]
 Writes exploitability.png, simplex_rps.png, logz_bias.png, summary.txt, config.json.
 """
 import argparse
@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from games import exploitability, multiplicative_weights_step, von_neumann_winner  # noqa: E402
+from theory.games import exploitability, multiplicative_weights_step, von_neumann_winner  # noqa: E402
 from sppo_loss import (best_and_worst, dpo_loss, ipo_loss, sppo_hard_loss, sppo_loss,  # noqa: E402
                        win_rates)
 

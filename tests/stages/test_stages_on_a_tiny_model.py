@@ -1,4 +1,5 @@
 """The stages on the toy world's tiny model: templating, log-prob masks, sampling, bad input, end to end."""
+import contextlib
 import json
 import subprocess
 import sys
@@ -9,13 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import common
-import toy
-from common import (InputError, collate, load_model, load_tokenizer, prompt_token_ids, read_records,
-                    response_token_ids, sequence_logps, write_records)
 from generate import generate_responses
+from lm import collate, cpu_lm_head, load_model, load_tokenizer, prompt_token_ids, response_token_ids, sequence_logps
+from records import InputError, read_records, write_records
+from worlds import toy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -105,18 +105,19 @@ def test_logps_gradient_and_full_logits_path_match_reference(tok_model, monkeypa
         def forward(self, input_ids, attention_mask, position_ids, use_cache):
             return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
 
-    monkeypatch.setattr(common, "HEAD_SCORING_MIN_VOCAB", 0)  # the large-vocabulary CPU path on the tiny model
     results, head_outputs = [], []
-    hook = model.lm_head.register_forward_hook(lambda mod, inp, out: head_outputs.append(out.dim()))
+    hook = model.lm_head.register_forward_hook(lambda mod, inp, out: head_outputs.append(tuple(out.shape)))
     for fn in (reference, lambda: sequence_logps(model, batch), lambda: sequence_logps(NoKeep(model), batch)):
-        model.zero_grad()
-        values = fn()
-        (values * torch.tensor([1.0, -2.0])).sum().backward()
-        results.append((values.detach(), [p.grad.clone() for p in model.parameters()]))
+        for head in (contextlib.nullcontext, lambda: cpu_lm_head(model)):  # train.py's layout on a large vocabulary
+            model.zero_grad()
+            with head():
+                values = fn()
+            (values * torch.tensor([1.0, -2.0])).sum().backward()
+            results.append((values.detach(), [p.grad.clone() for p in model.parameters()]))
     hook.remove()
     model.zero_grad()
-    # the CPU path: the head scored the targets itself (a 1-d output); without logits_to_keep, logits
-    assert head_outputs == [3, 1, 3] and "forward" not in vars(model.lm_head)
+    # logits_to_keep: the head ran on fewer positions than the full-logits paths
+    assert head_outputs[2][1] < head_outputs[0][1] == head_outputs[4][1] and "forward" not in vars(model.lm_head)
     for values, grads in results[1:]:
         assert torch.allclose(values, results[0][0], atol=1e-4)
         assert all(torch.allclose(g, g0, atol=1e-5) for g, g0 in zip(grads, results[0][1]))
@@ -254,13 +255,12 @@ def test_end_to_end_one_iteration_reloads_and_resumes(tmp_path, toy_world):
     assert (run_dir / "iter1/model/model.safetensors").stat().st_mtime_ns == stamp
 
 
-def test_generation_lm_head_layout_gives_the_same_logits(tok_model):
-    from generate import lm_head_as_weight_times_hidden
+def test_cpu_lm_head_layout_gives_the_same_logits(tok_model):
     tok, model = tok_model
     ids = torch.tensor([prompt_token_ids(tok, "Which fruit suits the picnic?")] * 3)
     with torch.no_grad():
         plain = model(input_ids=ids).logits
-        with lm_head_as_weight_times_hidden(model):
+        with cpu_lm_head(model):
             assert "forward" in vars(model.lm_head)  # the swapped layout is what runs here
             swapped = model(input_ids=ids).logits
     assert "forward" not in vars(model.lm_head)  # restored

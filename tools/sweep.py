@@ -1,8 +1,8 @@
 """A grid of iterate.py runs over flags and seeds, and one table and one plot of their eval.json.
 
-    python sweep.py --out runs/sweep-x --grid loss_type=sppo,dpo,ipo --grid eta=3,10 --seeds 0,1,2 -- --preset toy
-    python sweep.py --out runs/sweep-x --aggregate-only --metric exploit      # table and plot again, nothing run
-    python sweep.py --out runs/sweep-y --combo 'loss_type=sppo eta=10' --combo 'loss_type=dpo beta=0.3' --seeds 1,2,3
+    python -m tools.sweep --out runs/sweep-x --grid loss_type=sppo,dpo,ipo --grid eta=3,10 --seeds 0,1,2 -- --preset toy
+    python -m tools.sweep --out runs/sweep-x --aggregate-only --metric exploit      # table and plot again, nothing run
+    python -m tools.sweep --out runs/sweep-y --combo 'loss_type=sppo eta=10' --combo 'loss_type=dpo beta=0.3' --seeds 1,2,3
 
 --grid gives the cartesian product of its flags' values; --combo gives one combination of flag
 values each (flag=value pairs separated by spaces), for settings that go together, such as each
@@ -43,17 +43,17 @@ import sys
 import time
 from pathlib import Path
 
-import iterate
-from common import InputError, atomic_write, fail_with, write_json
+from flags import iterate_args, iterate_parser
+from records import InputError, atomic_write, fail_with, write_json
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent  # the project root
 # How a cell is run; the tests put a fake iterate.py here.
 ITERATE = [sys.executable, str(HERE / "iterate.py")]
 DONE = "sweep_done.json"
 # Flags the sweep sets itself for every cell, or that would mark a cell done without running it.
 RESERVED = ("seed", "run_dir", "dry-run", "dry_run")
 # iterate.py's on/off flags: a grid gives them true or false, a cell gets --flag or --no-flag
-BOOLEANS = {a.dest for a in iterate.arg_parser()._actions if isinstance(a, argparse.BooleanOptionalAction)}
+BOOLEANS = {a.dest for a in iterate_parser()._actions if isinstance(a, argparse.BooleanOptionalAction)}
 
 
 def check_flag(where, key, expected):
@@ -348,7 +348,7 @@ def parse_args(argv):
                     help="rebuild table and plot from the cells; without --grid, --combo and --seeds: those of OUT/sweep.json")
     args = ap.parse_args(argv[:split])
     args.iterate_args = argv[split + 1:]
-    args.command = shlex.join([Path(sys.executable).name, "sweep.py"] + argv)  # what sweep.json records
+    args.command = shlex.join([Path(sys.executable).name, "-m", "tools.sweep"] + argv)  # what sweep.json records
     return args
 
 
@@ -371,7 +371,7 @@ def main(argv=None):
         todo, failed = cells(grid, seeds, args.iterate_args, combos), []
         if not args.aggregate_only:
             for cell in todo:  # a bad flag, value or choice anywhere in the grid: one line now (exit 2), no cell run
-                iterate.parse_args(cell["args"])
+                iterate_args(cell["args"])
             check_finished(todo, out)
             with sweep_lock(out):
                 # the grid as [flag, values] pairs: write_json sorts an object's keys, and the order names the cells

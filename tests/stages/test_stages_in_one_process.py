@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
+import flags
 import iterate
+import launch
 import rank
-from common import InputError, write_records
+from records import InputError, write_records
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RUN_RECORDS = {"responses.jsonl.info.json", "train_info.json", "metrics.jsonl", "timings.jsonl", "config.json"}  # times, argv
 
 
@@ -91,7 +93,7 @@ def test_run_here_turns_what_a_stage_raises_into_an_exit_code(monkeypatch, capsy
         raise raised
     monkeypatch.setattr(rank, "main", main)
     before = list(sys.argv)
-    got, _ = iterate.run_here(ROOT / "rank.py", ["--out", Path("o.jsonl")])
+    got, _ = launch.run_here(ROOT / "rank.py", ["--out", Path("o.jsonl")])
     assert got == code and sys.argv == before
     assert argv_seen == [(["--out", "o.jsonl"], [str(ROOT / "rank.py"), "--out", "o.jsonl"])]
     err = capsys.readouterr().err
@@ -100,11 +102,11 @@ def test_run_here_turns_what_a_stage_raises_into_an_exit_code(monkeypatch, capsy
 
 def test_in_process_by_default_for_one_cpu_process_only(monkeypatch):
     import torch
-    decide = lambda *argv: iterate.stages_in_process(iterate.parse_args(list(argv)))  # noqa: E731
+    decide = lambda *argv: launch.stages_in_process(flags.iterate_args(list(argv)))  # noqa: E731
     assert decide() is True and decide("--no-in_process") is False
     assert decide("--nproc_per_node", "2") is False  # torchrun
     assert decide("--backend", "vllm") is False
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert decide() is False and decide("--in_process") is True  # GPUs: memory freed between stages
     with pytest.raises(SystemExit):
-        iterate.parse_args(["--in_process", "--nproc_per_node", "2"])
+        flags.iterate_args(["--in_process", "--nproc_per_node", "2"])

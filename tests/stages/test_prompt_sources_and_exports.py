@@ -10,9 +10,11 @@ import pytest
 import torch
 
 import generate
-from common import InputError, load_prompts, load_tokenizer, prompt_token_ids, read_records, shard_of, write_records
+from launch import shard_of
+from lm import load_tokenizer, prompt_token_ids
+from records import InputError, load_prompts, read_records, write_records
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHAT = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Which fruit suits the picnic?"}]
 
 

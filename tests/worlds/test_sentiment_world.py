@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-import gemma
-import sentiment
-from common import InputError, load_tokenizer, prompt_token_ids, read_records, response_token_ids, write_records
+from worlds import gemma
+from worlds import sentiment
+from lm import load_tokenizer, prompt_token_ids, response_token_ids
+from records import InputError, read_records, write_records
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +155,7 @@ def test_logps_on_the_real_vocabulary_match_a_float64_reference(gemma_dir, gemma
     values and hidden-state gradients against log_softmax in float64 over the full logits."""
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
-    from common import collate, sequence_logps
+    from lm import collate, sequence_logps
     model = AutoModelForCausalLM.from_pretrained(gemma_dir)
     model.get_input_embeddings().weight.requires_grad_(False)
     train, _ = sentiment.make_prompts()

@@ -23,7 +23,7 @@ def von_neumann_winner(P: np.ndarray) -> np.ndarray:
     Variables (pi_1..pi_n, t): minimise t subject to P pi <= t, sum pi = 1, pi >= 0.
     The game is symmetric and constant-sum, so the optimum is t = 1/2.
     """
-    from scipy.optimize import linprog  # here: the toy evaluator never needs it, and it costs ~0.7 s to import
+    from scipy.optimize import linprog  # here: the toy evaluator never needs it, and scipy is slow to import
     n = P.shape[0]
     cost = np.zeros(n + 1)
     cost[-1] = 1.0

@@ -1,0 +1,91 @@
+"""train.py's resumable checkpoints: sharded with torch.distributed.checkpoint (DCP).
+
+Each rank writes only its own shard of the parameters and optimizer state, in parallel, and
+nothing of the size of the whole model is gathered. (A checkpoint holds the fp32 parameters and
+the optimizer state: RMSprop keeps one tensor per parameter (square_avg), so 2 x 4 bytes x 7.24B
+= 58 GB for Mistral-7B (AdamW keeps two: 87 GB); full state dicts would collect all of it on rank
+0's CPU at every save.) The RNG states are per rank, one small file each; step and scheduler are
+written by rank 0. A checkpoint is written to step-N.tmp and renamed to step-N when complete, so a
+run killed mid-save leaves the previous checkpoint intact.
+"""
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from records import InputError, atomic_write, write_json
+
+# flags that change how, not what, is computed (up to rounding): a checkpoint resumes across them
+RESUME_FREE = ("save_every", "micro_batch", "grad_checkpointing", "cpu_offload", "peak_tflops")
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def latest_checkpoint(ckpt_dir: Path):
+    """The newest complete checkpoint directory, or None."""
+    done = sorted(p for p in ckpt_dir.glob("step-*") if not p.name.endswith(".tmp")) if ckpt_dir.exists() else []
+    return done[-1] if done else None
+
+
+def rng_states():
+    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def save_checkpoint(ckpt_dir: Path, step, model, optimizer, scheduler, config, rank):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    final = ckpt_dir / f"step-{step:08d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+    barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+    atomic_write(tmp / f"rng-{rank}.pt", lambda f: torch.save(rng_states(), f), mode="wb")
+    if rank == 0:
+        atomic_write(tmp / "train_state.pt", lambda f: torch.save({"step": step, "scheduler": scheduler.state_dict()}, f), mode="wb")
+        write_json(tmp / "config.json", config)
+    barrier()  # every rank's files are in tmp
+    if rank == 0:
+        os.replace(tmp, final)
+        for old in ckpt_dir.glob("step-*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank):
+    """Restore model, optimizer, scheduler and this rank's RNG states; returns the step."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_state, optim_state = get_state_dict(model, optimizer)  # the layout to load into
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train_state = torch.load(path / "train_state.pt", weights_only=True)
+    scheduler.load_state_dict(train_state["scheduler"])
+    rng = torch.load(path / f"rng-{rank}.pt", weights_only=True)  # tensors and python's tuple: no code runs
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return train_state["step"]
+
+
+def check_resumable(path: Path, config):
+    """Resume only the run that wrote the checkpoint: same flags (but RESUME_FREE), data, world size."""
+    saved = json.loads((path / "config.json").read_text())
+    diff = sorted(k for k in set(saved) | set(config) if k not in RESUME_FREE and saved.get(k) != config.get(k))
+    if diff:
+        details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {config.get(k)!r}" for k in diff)
+        raise InputError(f"{path}: checkpoint of a different run ({details}). Run with the same flags and "
+                         f"number of processes, or delete {path.parent.parent} to start over")

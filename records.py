@@ -1,0 +1,384 @@
+"""The data side: stage files and their checks, prompt sources, files written atomically.
+
+Stage files are JSONL, one record per prompt: prompts {id, prompt}; generate.py adds responses and
+truncated; rank.py adds P and win_rate (and scores). `read_records` checks a file of any stage and
+stops at the first bad record with file, line and field (`InputError`; the stages exit 2 with it).
+Outputs are written to a temporary file and renamed (`atomic_write`), so nothing is half-written.
+Nothing here imports torch.
+"""
+import contextlib
+import fcntl
+import glob
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+
+class InputError(ValueError):
+    """Bad input; the message names file, line and field. Stages exit non-zero with it."""
+
+
+def fail_with(e: Exception):
+    """Exit non-zero with one clear line: what scripts do with an InputError."""
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _fail(path, line_no, field, msg):
+    where = f"{path}:{line_no}" if line_no else str(path)
+    raise InputError(f"{where}: field {field!r}: {msg}" if field else f"{where}: {msg}")
+
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+P_TOLERANCE = 1e-6  # P + P^T = 1, diagonal 1/2, win rate = row mean: up to rounding of the written floats
+
+
+def _check_prompt(prompt, path, line_no):
+    """A prompt is a non-blank string, or chat messages that end on a non-blank user turn."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            _fail(path, line_no, "prompt", "empty or only whitespace")
+        return
+    if not (isinstance(prompt, list) and prompt and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in prompt)):
+        _fail(path, line_no, "prompt", "expected a string or a list of {role, content} messages")
+    for n, m in enumerate(prompt):
+        if m["role"] not in CHAT_ROLES:
+            _fail(path, line_no, "prompt", f"message {n}: unknown role {m['role']!r} (expected one of {CHAT_ROLES})")
+    if prompt[-1]["role"] != "user":
+        _fail(path, line_no, "prompt", f"the last message is a {prompt[-1]['role']!r} turn; it must be the user's")
+    if not prompt[-1]["content"].strip():
+        _fail(path, line_no, "prompt", "the last user message is empty or only whitespace")
+
+
+def _check_record(rec, path, line_no, stage, K):
+    """Check one record for `stage` in ("prompts", "responses", "ranked"); returns its K."""
+    if not isinstance(rec, dict):
+        _fail(path, line_no, None, f"expected a JSON object, got {type(rec).__name__}")
+    for field in ("id", "prompt"):
+        if field not in rec:
+            _fail(path, line_no, field, "missing")
+    if not isinstance(rec["id"], (str, int)) or isinstance(rec["id"], bool):
+        _fail(path, line_no, "id", f"expected a string or integer, got {rec['id']!r}")
+    _check_prompt(rec["prompt"], path, line_no)
+    if stage == "prompts":
+        return K
+    responses = rec.get("responses")
+    if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+        _fail(path, line_no, "responses", "missing or not a list of strings")
+    if K is None and len(responses) < 2:  # SPPO compares K >= 2; one sample (K=1) only where asked for
+        _fail(path, line_no, "responses", f"need K >= 2 responses, got {len(responses)}")
+    if K is not None and len(responses) != K:
+        _fail(path, line_no, "responses", f"K mismatch: {len(responses)} responses, expected K={K}")
+    K = len(responses)
+    truncated = rec.get("truncated", [False] * K)
+    if not isinstance(truncated, list) or len(truncated) != K or not all(isinstance(t, bool) for t in truncated):
+        _fail(path, line_no, "truncated", f"expected a list of K={K} booleans")
+    if stage == "responses":
+        return K
+    P = rec.get("P")
+    if not (isinstance(P, list) and len(P) == K and all(isinstance(row, list) and len(row) == K for row in P)):
+        _fail(path, line_no, "P", f"missing or not a {K} x {K} matrix")
+    for row in P:
+        for p in row:
+            if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
+                _fail(path, line_no, "P", f"entry {p!r} is not a probability in [0, 1]")
+    problem = preference_matrix_problem(P)
+    if problem:
+        _fail(path, line_no, "P", problem)
+    win = rec.get("win_rate")
+    if not (isinstance(win, list) and len(win) == K and all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and 0.0 <= w <= 1.0 for w in win)):
+        _fail(path, line_no, "win_rate", f"missing or not a list of K={K} numbers in [0, 1]")
+    for i, (w, row) in enumerate(zip(win, P)):
+        if abs(w - sum(row) / K) > P_TOLERANCE:
+            _fail(path, line_no, "win_rate", f"entry {i} is {w!r}, but the mean of row {i} of P is {sum(row) / K!r}")
+    return K
+
+
+def preference_matrix_problem(P):
+    """What makes P (K x K nested lists, entries in [0, 1]) not a preference matrix, or None.
+
+    P[i][j] = P(y_i > y_j): a tie counts half, so P[i][i] = 1/2 and P[i][j] + P[j][i] = 1.
+    """
+    for i in range(len(P)):
+        if abs(P[i][i] - 0.5) > P_TOLERANCE:
+            return f"diagonal entry [{i}][{i}] is {P[i][i]!r}, not 1/2"
+        for j in range(i + 1, len(P)):
+            if abs(P[i][j] + P[j][i] - 1.0) > P_TOLERANCE:
+                return f"P[{i}][{j}] + P[{j}][{i}] = {P[i][j] + P[j][i]!r}, not 1 (P(y_i > y_j) + P(y_j > y_i) must be 1)"
+    return None
+
+
+def _parse_json_line(line, path, line_no):
+    def no_constant(name):  # Python's json reads NaN and Infinity; JSON has neither
+        raise ValueError(f"{name} is not valid JSON")
+    try:
+        return json.loads(line, parse_constant=no_constant)
+    except json.JSONDecodeError as e:
+        _fail(path, line_no, None, f"malformed JSON ({e.msg} at column {e.colno})")
+    except RecursionError:
+        _fail(path, line_no, None, "malformed JSON (nested too deeply)")
+    except ValueError as e:  # NaN / Infinity, or an integer too long to convert
+        _fail(path, line_no, None, f"malformed JSON ({e})")
+
+
+def record_line(path, index) -> int:
+    """The line number of record `index` of a JSONL file read by read_records (blank lines skipped)."""
+    with open(path, "rb") as f:
+        lines = [n for n, raw in enumerate(f, 1) if raw.decode("utf-8", "replace").strip()]
+    return lines[index]
+
+
+def read_records(path, stage="prompts", K=None):
+    """Read and check a stage's JSONL file: one record per prompt, ids unique.
+
+    stage: "prompts" (id, prompt), "responses" (+ responses, truncated), "ranked" (+ P, win_rate).
+    All records must share one K >= 2, or the K given (K=1: an evaluation's one sample per prompt).
+    Unknown fields are kept as they are.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file not found")
+    if not path.is_file():
+        raise InputError(f"{path}: not a file")
+    records, seen = [], set()
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                _fail(path, line_no, None, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+            if not line.strip():
+                continue
+            rec = _parse_json_line(line, path, line_no)
+            K = _check_record(rec, path, line_no, stage, K)
+            # ids are compared as text: they name seeds and shards, where 1 and "1" are the same
+            if str(rec["id"]) in seen:
+                _fail(path, line_no, "id", f"duplicate id {rec['id']!r} (ids are compared as text)")
+            seen.add(str(rec["id"]))
+            records.append(rec)
+    if not records:
+        raise InputError(f"{path}: no records")
+    return records
+
+
+def write_records(path, records):
+    atomic_write(path, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def load_prompts(source, split="train", column="prompt"):
+    """Prompt records {id, prompt, ...} from a JSONL file, a JSON list (`read_json_prompts`: AlpacaEval's
+    eval set), a directory saved by `datasets` (`save_to_disk`), or a hub dataset name (the only case
+    that touches the network).
+
+    Dataset rows keep all their columns; the prompt is taken from `column` (a string or a list
+    of chat messages) and the id from "id" or "prompt_id" when present, else "<source>-<row>".
+    """
+    path = Path(source)
+    if path.is_file() and path.suffix == ".json":
+        return read_json_prompts(path, column)
+    if path.is_file():
+        return read_records(path, stage="prompts")
+    import datasets
+    if path.is_dir():
+        try:
+            data = datasets.load_from_disk(str(path))
+        except (OSError, ValueError) as e:
+            raise InputError(f"{source}: a directory, but not a dataset saved with save_to_disk ({e})") from e
+    else:
+        data = datasets.load_dataset(str(source), split=split)
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise InputError(f"{source}: no split {split!r} (has {sorted(data)})")
+        data = data[split]
+    if column not in data.column_names:
+        raise InputError(f"{source}: field {column!r}: missing (columns: {data.column_names})")
+    records = []
+    for row_no, row in enumerate(data):
+        rec = dict(row, prompt=row[column])
+        rec["id"] = row.get("id", row.get("prompt_id", f"{path.name}-{row_no}"))
+        _check_record(rec, source, f"row {row_no}", "prompts", None)
+        records.append(rec)
+    if len({str(r["id"]) for r in records}) != len(records):
+        raise InputError(f"{source}: field 'id': ids are not unique")
+    return records
+
+
+def read_json_prompts(path, column="prompt"):
+    """Prompt records from a JSON list of objects, e.g. AlpacaEval's own eval set (alpaca_eval.json:
+    instruction, output, generator, dataset). The prompt is the `column` field, or "instruction"
+    in rows without it; ids from "id", else "<file stem>-<index>". The reference answer's "output"
+    and "generator" are dropped: they describe another model's answer, not the prompt."""
+    try:
+        rows = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        _fail(path, e.lineno, None, f"malformed JSON ({e.msg} at column {e.colno})")
+    if not isinstance(rows, list) or not rows:
+        _fail(path, None, None, "expected a non-empty JSON list of objects (or a .jsonl file)")
+    records = []
+    for n, row in enumerate(rows):
+        if not isinstance(row, dict):
+            _fail(path, f"item {n}", None, f"expected a JSON object, got {type(row).__name__}")
+        field = column if column in row else "instruction"
+        if field not in row:
+            _fail(path, f"item {n}", column, "missing (and no 'instruction')")
+        rec = {k: v for k, v in row.items() if k not in ("output", "generator")}
+        rec.update(prompt=row[field], id=row.get("id", f"{Path(path).stem}-{n}"))
+        _check_record(rec, path, f"item {n}", "prompts", None)
+        records.append(rec)
+    if len({r["id"] for r in records}) != len(records):
+        raise InputError(f"{path}: field 'id': ids are not unique")
+    return records
+
+
+# ---- files written whole or not at all ---------------------------------------------------------
+
+
+def atomic_write(path, write_fn, mode="w"):
+    """Write through `write_fn(file)` to a temporary file, then rename: never half-written.
+
+    Temporaries of `path` left by writers that were killed (their pid is gone) are removed first.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=True, default=str))
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def remove_stale_temporaries(path):
+    """Delete `.NAME.tmpPID` files next to `path` whose writer (PID, on this machine) is gone."""
+    path = Path(path)
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):
+        pid = tmp.name[len(path.name) + 5:]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+BUILT = "done"  # the file that marks a directory of build_once as complete
+
+
+@contextlib.contextmanager
+def build_once(out_dir):
+    """Build the directory out_dir once, however many processes try at the same time.
+
+    Yields None if out_dir is built already (it holds the file BUILT); else an empty temporary
+    directory next to it to build in, which becomes out_dir when the block ends without an error.
+    A lock file beside it makes a second builder wait for the first, then find out_dir built; the
+    kernel drops the lock of a killed builder, and the next one deletes its half-built directory.
+    An out_dir that holds files but no BUILT is refused, not replaced.
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / BUILT).exists():
+        yield None
+        return
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.with_name(f".{out_dir.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # waits while another process builds
+        if (out_dir / BUILT).exists():  # it did
+            yield None
+            return
+        if out_dir.exists() and any(out_dir.iterdir()):
+            raise InputError(f"{out_dir}: exists and holds no finished build (no {BUILT!r} file); "
+                             "delete it or give another directory")
+        for stale in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.tmp*"):  # a killed builder's
+            shutil.rmtree(stale)
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+        tmp.mkdir()
+        try:
+            yield tmp
+            (tmp / BUILT).write_text("ok\n")
+            os.replace(tmp, out_dir)  # onto nothing, or onto the empty directory checked above
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cache_root() -> Path:
+    """Where what is built once per machine lives (the converted real LM, the built-in worlds):
+    $SPPO_CACHE, else ~/.cache/sppo (outside the repo)."""
+    return Path(os.environ.get("SPPO_CACHE") or Path.home() / ".cache" / "sppo")
+
+
+def run_info(config: dict) -> dict:
+    """What a run directory records: the full config, seeds in it, library versions, host."""
+    import tokenizers
+    import torch
+    import transformers
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
+    for name in ("datasets", "numpy", "vllm", "llm_blender"):
+        mod = sys.modules.get(name)
+        if mod is not None:
+            versions[name] = getattr(mod, "__version__", "?")
+    return {"config": config, "argv": sys.argv, "versions": versions, "host": platform.node(),
+            "time": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+
+
+# ---- paths, checked before any work ------------------------------------------------------------
+
+
+def check_output(path, flag="--out", directory=False):
+    """Refuse an output path that cannot be written, before the work rather than after it."""
+    path = Path(path).absolute()
+    if directory and path.exists() and not path.is_dir():
+        raise InputError(f"{flag} {path}: exists and is not a directory")
+    if not directory and path.is_dir():
+        raise InputError(f"{flag} {path}: is a directory; give a file name")
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"{flag} {path}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {path}: {ancestor} is not writable")
+
+
+def check_model_path(name, flag="--model"):
+    """A local model directory must hold config.json; anything that is not a local path is a hub name."""
+    path = Path(name)
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(f"{flag} {name}: not a directory")
+        if not (path / "config.json").is_file():
+            raise InputError(f"{flag} {name}: no config.json in it: not a model directory")
+    elif str(name).startswith((".", "/", "~")) or str(name).count("/") > 1:
+        raise InputError(f"{flag} {name}: directory not found")
+
+
+def path_stamp(name):
+    """A cheap version stamp of a local file or directory: (file, size, mtime) of each of its files;
+    anything else (a hub name) as it is. Keys of reusable work include it."""
+    path = Path(name)
+    if not path.exists():
+        return str(name)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
