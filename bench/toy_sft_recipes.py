@@ -5,7 +5,7 @@
 A recipe is STEPSxPROMPTS@LR[:DECAY_FROM] (the lr falls linearly to 0 from step DECAY_FROM x
 STEPS on; 1 = constant, the default); each starts from the world's seed-0 init and prompt order
 (toy.sft_base_model); the first is the world's own (its loss is world.json's), the second the
-world's before session 7 (64 prompts per step at a constant lr).
+world's earlier recipe (64 prompts per step at a constant lr).
 Columns: seconds; gap = final training loss minus the entropy of BASE_POLICY (0 = a perfect
 fit); the largest and mean |pi_0(a | x) - BASE_POLICY(a)| over the held-out prompts; their
 invalid mass (1 - the five answers' probability). Prints a table; appends to bench/results.jsonl.

@@ -1,4 +1,4 @@
-"""Acceptance tests for the theory lab (issue 5): lab.py against independent computations."""
+"""The theory lab (theory/lab.py) against independent computations."""
 import json
 import re
 

@@ -1,4 +1,4 @@
-"""The GPU path against the official recipe and the real libraries (issue 12): the training
+"""The training recipe against the official one and the real libraries: the training
 schedule, length cuts, selection precision, untrusted checkpoints and the step metrics."""
 import json
 import math
