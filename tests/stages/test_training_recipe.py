@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import train
 from lm import load_model, load_tokenizer, prompt_token_ids, response_token_ids
 from records import write_records
+from train_metrics import step_metrics, step_tokens
 
 WORDS = ["apple", "pear", "plum", "fig", "the", "a", "and", "with", "or", "fruit", "party"]
 
@@ -84,7 +85,8 @@ def test_step_sums_against_independent_computation(tok_model, loss_type):
     micro = train.micro_batches_of(list(range(len(examples))), weights, examples, ref, 4)
     sums = train.accumulate_gradients(model, micro, 1.0, tok.pad_token_id, "cpu", loss_type=loss_type, eta=10.0, beta=0.1)
     model.zero_grad()
-    expected = dict.fromkeys(train.STEP_SUMS, 0.0)
+    sums.update(step_tokens(micro))  # train_loop adds the step's token counts to the sums
+    expected = dict.fromkeys([*sums], 0.0)
     for i, (rec, ex, w) in enumerate(zip(records, examples, weights)):
         win = np.array(rec["win_rate"])
         best, worst = int(np.argmax(win)), int(np.argmin(win))  # of all K: sppo trains on exactly these
@@ -111,7 +113,7 @@ def test_step_sums_against_independent_computation(tok_model, loss_type):
     for key, value in expected.items():
         assert sums[key] == pytest.approx(value, rel=1e-5, abs=1e-3, nan_ok=True), key
     assert 0 < sums["ordered"] < sums["preferred"]  # both outcomes occur: the check can tell them apart
-    m = train.step_metrics(sums, 1.0, (0, 0), 0)  # what metrics.jsonl gets: valid JSON, no NaN
+    m = step_metrics(sums, 1.0, (0, 0), 0)  # what metrics.jsonl gets: valid JSON, no NaN
     assert (m["target_chosen"] is None) == (loss_type == "dpo")
     json.loads(json.dumps(m, allow_nan=False))
 

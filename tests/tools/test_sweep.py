@@ -1,4 +1,4 @@
-"""sweep.py without a model: grid expansion, bad specs, skipping, resume after a kill, aggregation."""
+"""The sweep tool (tools/sweep.py) without a model: grid expansion, bad specs, skipping, resume after a kill, aggregation."""
 import csv
 import fcntl
 import json
@@ -178,7 +178,7 @@ def test_a_finished_cell_with_other_flags_is_refused(tmp_path, fake, capsys):
 def test_killed_sweep_resumes_and_ends_as_an_uninterrupted_one(tmp_path, fake):
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     victim = "loss_type=sppo__eta=10__seed=1"
-    code = ("import sys, sweep; sweep.ITERATE = [sys.executable, sys.argv[1]]; sweep.main(sys.argv[2:])")
+    code = ("import sys; from tools import sweep; sweep.ITERATE = [sys.executable, sys.argv[1]]; sweep.main(sys.argv[2:])")
     proc = subprocess.run([sys.executable, "-c", code, sweep.ITERATE[1], "--out", str(killed)] + GRID + PASS,
                           cwd=ROOT, env=dict(os.environ, FAKE_KILL=victim), capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr
@@ -216,7 +216,7 @@ def alive(pid):
 
 def test_sigterm_stops_the_running_cell_and_its_stages(tmp_path, fake):
     out, victim = tmp_path / "sw", "loss_type=sppo__eta=3__seed=0"
-    code = ("import sys, sweep; sweep.ITERATE = [sys.executable, sys.argv[1]]; sweep.main(sys.argv[2:])")
+    code = ("import sys; from tools import sweep; sweep.ITERATE = [sys.executable, sys.argv[1]]; sweep.main(sys.argv[2:])")
     proc = subprocess.Popen([sys.executable, "-c", code, sweep.ITERATE[1], "--out", str(out)] + GRID + PASS,
                             cwd=ROOT, env=dict(os.environ, FAKE_HANG=victim), stdout=subprocess.DEVNULL)
     pids_file = out / victim / "pids"
