@@ -249,6 +249,9 @@ def iterate_parser(description=None):
     ap.add_argument("--eval_temperature", type=nonneg_float, default=0.7, help="of the --eval_prompts outputs")
     ap.add_argument("--eval_top_p", type=probability, default=0.9, help="of the --eval_prompts outputs")
     ap.add_argument("--eval_max_new_tokens", type=positive_int, default=2048, help="of the --eval_prompts outputs")
+    ap.add_argument("--eval_best_of", type=positive_int, default=1,
+                    help="N > 1: also N samples per --eval_prompts prompt, decoded as above, and the judge's best of "
+                         "them in AlpacaEval format (iterT/model_outputs_best_of_N.json)")
     ap.add_argument("--run_dir", help="default runs/{preset}-seed{seed}")
     ap.add_argument("--world_dir", help="a built-in world's directory, built there once and reused; default: "
                     "$SPPO_CACHE (else ~/.cache/sppo)/worlds/{preset}-seed{seed}-{hash of the world's code}, "

@@ -140,6 +140,16 @@ def report(args, world, stage, models, timings):
               max_new_tokens=args.eval_max_new_tokens)
         if not args.dry_run:
             export_alpaca_eval(out, run_dir / f"iter{t}" / "model_outputs.json", f"{run_dir.name}-iter{t}")
+    if args.eval_prompts and args.eval_best_of > 1:  # best-of-N: N samples, the judge's best of them
+        n, it = args.eval_best_of, run_dir / f"iter{t}"
+        samples, ranked = it / f"eval_best_of_{n}_responses.jsonl", it / f"eval_best_of_{n}_ranked.jsonl"
+        stage("generate", t, samples, step="best_of_n", model=models[-1], prompts=run_dir / "eval_prompts.jsonl",
+              out=samples, seed=args.seed, K=n, temperature=args.eval_temperature, top_p=args.eval_top_p,
+              max_new_tokens=args.eval_max_new_tokens)
+        stage("rank", t, ranked, step="best_of_n_rank", responses=samples, out=ranked,
+              template_model=models[-1] if args.judge_prompt == "template" else None)
+        if not args.dry_run:
+            export_alpaca_eval(ranked, it / f"model_outputs_best_of_{n}.json", f"{run_dir.name}-iter{t}-best-of-{n}")
     if world is not None and not args.dry_run:
         t0 = time.time()
         rows = world["module"].evaluate(models, world, run_dir)
@@ -211,11 +221,15 @@ def check_same_settings(config_path, config):
                          "Give the same flags to resume it, or another --run_dir")
 
 
-def export_alpaca_eval(responses_path, out_path, generator):
-    """AlpacaEval's model_outputs.json: instruction, output, generator (and dataset) per prompt."""
-    rows = [{"instruction": prompt_text(r["prompt"]), "output": r["responses"][0], "generator": generator,
-             **({"dataset": r["dataset"]} if "dataset" in r else {})}
-            for r in read_records(responses_path, stage="responses", K=1)]
+def export_alpaca_eval(path, out_path, generator):
+    """AlpacaEval's model_outputs.json: instruction, output, generator (and dataset) per prompt. The
+    output is the one response of a responses file, or the best by win rate of a ranked file
+    (best-of-N: the first of equals, as sppo_loss.best_and_worst picks)."""
+    ranked = "win_rate" in json.loads(Path(path).read_text(encoding="utf-8").splitlines()[0])
+    records = read_records(path, stage="ranked") if ranked else read_records(path, stage="responses", K=1)
+    rows = [{"instruction": prompt_text(r["prompt"]),
+             "output": r["responses"][max(range(len(r["responses"])), key=lambda k: (r["win_rate"][k], -k)) if ranked else 0],
+             "generator": generator, **({"dataset": r["dataset"]} if "dataset" in r else {})} for r in records]
     atomic_write(out_path, lambda f: json.dump(rows, f, indent=1, ensure_ascii=False))
 
 

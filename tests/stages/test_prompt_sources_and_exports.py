@@ -6,6 +6,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -235,3 +236,29 @@ def test_mixed_prompt_file_loads_with_the_datasets_we_require(tmp_path):
     ds = datasets.load_dataset("json", data_files=str(tmp_path / "p.jsonl"), split="train",
                                cache_dir=str(tmp_path / "cache"))
     assert ds[0]["prompt"] == "Which fruit?" and ds[1]["prompt"] == CHAT
+
+
+def test_best_of_n_exports_the_judges_best_sample(tmp_path, toy_world):
+    """--eval_best_of N: N samples of every eval prompt from pi_0 and pi_1, ranked by the run's judge;
+    the AlpacaEval file holds the sample with the highest win rate (the first of equals), and its
+    judge-measured quality is at least the single samples'."""
+    run_dir, n = tmp_path / "run", 4
+    cmd = [sys.executable, "iterate.py", "--model", toy_world["model"], "--prompts", toy_world["train_prompts"],
+           "--judge", "toy:ToyJudge", "--judge_path", toy_world["world"], "--preset", "toy", "--iterations", "1",
+           "--K", "2", "--prompts_per_iteration", "8", "--global_batch", "4", "--epochs", "1",
+           "--eval_prompts", toy_world["eval_prompts"], "--eval_max", "12", "--eval_best_of", str(n),
+           "--eval_temperature", "1.0", "--run_dir", run_dir]
+    res = subprocess.run([str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for t in (0, 1):
+        ranked = read_records(run_dir / f"iter{t}/eval_best_of_{n}_ranked.jsonl", "ranked", K=n)
+        best = json.loads((run_dir / f"iter{t}/model_outputs_best_of_{n}.json").read_text())
+        single = json.loads((run_dir / f"iter{t}/model_outputs.json").read_text())
+        assert len(ranked) == len(best) == len(single) == 12
+        wins = np.array([r["win_rate"] for r in ranked])
+        assert [b["output"] for b in best] == [r["responses"][int(np.argmax(w))] for r, w in zip(ranked, wins)]
+        assert all(b["instruction"] == s["instruction"] and b["generator"].endswith(f"best-of-{n}") for b, s in zip(best, single))
+        # sample 0 of the N is the single sample (the same seed per prompt id and k)
+        assert [r["responses"][0] for r in ranked] == [s["output"] for s in single]
+        assert wins.max(-1).mean() >= wins[:, 0].mean()
+    assert (wins.max(-1) > wins[:, 0]).any()  # the pick made a difference somewhere
