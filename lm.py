@@ -206,6 +206,20 @@ def response_token_ids(tokenizer, response: str, truncated: bool, prompt_format=
     return ids if truncated else ids + response_end_ids(tokenizer, prompt_format)
 
 
+def stop_token_ids(eos, tokenizer, prompt_format="auto") -> set:
+    """What ends a sampled response: the generation config's EOS (`eos`: an id, a list or None), the
+    tokenizer's, and the special token that ends an assistant's turn in the chat template (<|eot_id|>,
+    <end_of_turn>: the one training puts at the end of a response)."""
+    ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+    return ids | {tokenizer.eos_token_id, response_end_ids(tokenizer, prompt_format)[-1]}
+
+
+def row_seed(seed: int, prompt_id, k: int) -> int:
+    """A 63-bit seed from (seed, prompt id, sample index), stable across runs and machines."""
+    digest = hashlib.sha256(f"{seed}|{prompt_id}|{k}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 # ---- batches and log-probs ----------------------------------------------------------------------
 
 

@@ -23,7 +23,7 @@ import _util  # sets HF_HUB_OFFLINE, sys.path: before torch and the stages
 import torch  # noqa: E402
 
 import generate  # noqa: E402
-from lm import load_model, load_tokenizer  # noqa: E402
+from lm import load_model, load_tokenizer, stop_token_ids  # noqa: E402
 
 BENCH = "generate"
 
@@ -98,7 +98,7 @@ def main():
         prompts = all_prompts[:n_prompts[name]]
         tok = load_tokenizer(dirs[name])
         model = load_model(dirs[name]).eval()
-        counter = Counter(model, generate.stop_token_ids(model, tok))
+        counter = Counter(model, stop_token_ids(model.generation_config.eos_token_id, tok))
         gen = dict(K=args.K, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=args.max_new_tokens, seed=0)
         if args.profile:
             spent = {"sampler": 0.0}

@@ -7,7 +7,8 @@ import torch
 
 import generate
 import rank
-from lm import load_tokenizer, prompt_token_ids, response_end_ids, response_token_ids, templated_prompt_text
+from lm import (load_tokenizer, prompt_token_ids, response_end_ids, response_token_ids, stop_token_ids,
+                templated_prompt_text)
 from records import write_records
 
 CORPUS = ["which fruit suits the picnic", "pick a colour for the party", "the apple is sweet and the pear is soft",
@@ -71,8 +72,7 @@ def check_turn_format(tok, end_token):
         assert seq == list(full[:len(seq)]) and seq[-1] == end, (tok.decode(seq), tok.decode(full))
         assert seq.count(tok.bos_token_id) == 1 and seq[0] == tok.bos_token_id
         assert response_token_ids(tok, answer, truncated=True) == tok(answer, add_special_tokens=False)["input_ids"]
-    model = type("M", (), {"generation_config": type("G", (), {"eos_token_id": tok.eos_token_id})()})()
-    assert end in generate.stop_token_ids(model, tok)
+    assert end in stop_token_ids(tok.eos_token_id, tok)
 
 
 def test_end_tokens_are_the_templates(chat_tok):
