@@ -151,11 +151,11 @@ def test_evaluation_of_a_policy_against_itself(tmp_path, gemma_dir):
 
 
 def test_logps_on_the_real_vocabulary_match_a_float64_reference(gemma_dir, gemma_tok):
-    """sequence_logps on Gemma-3 (the head scores 262,144 tokens in the W h^T layout on the CPU):
+    """sequence_logps on Gemma-3 (262,144 tokens), plain and with the head in the W h^T layout (cpu_lm_head):
     values and hidden-state gradients against log_softmax in float64 over the full logits."""
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
-    from lm import collate, sequence_logps
+    from lm import collate, cpu_lm_head, sequence_logps
     model = AutoModelForCausalLM.from_pretrained(gemma_dir)
     model.get_input_embeddings().weight.requires_grad_(False)
     train, _ = sentiment.make_prompts()
@@ -171,12 +171,17 @@ def test_logps_on_the_real_vocabulary_match_a_float64_reference(gemma_dir, gemma
         logp = logp.gather(2, batch["input_ids"][:, 1:, None])[..., 0]
         return (logp * batch["response_mask"][:, 1:] * batch["attention_mask"][:, :-1]).sum(-1)
 
+    def with_cpu_head():  # what train.py runs on a vocabulary this large
+        with cpu_lm_head(model):
+            return sequence_logps(model, batch)
+
     out = []
-    for fn in (reference, lambda: sequence_logps(model, batch)):
+    for fn in (reference, with_cpu_head, lambda: sequence_logps(model, batch)):
         model.zero_grad()
         values = fn()
         (values * torch.tensor([1.0, -2.0, 0.5], dtype=values.dtype)).sum().backward()
         out.append((values.detach().double(), layer.grad.clone()))
-    (ref, ref_grad), (got, grad) = out
+    (ref, ref_grad), (got, grad), (plain, plain_grad) = out
+    assert (plain - ref).abs().max() < 2e-4 and (plain_grad - ref_grad).norm() / ref_grad.norm() < 1e-4
     assert (got - ref).abs().max() < 2e-4 and ref.min() < -10, (got, ref)
     assert (grad - ref_grad).norm() / ref_grad.norm() < 1e-4, (grad - ref_grad).norm() / ref_grad.norm()
