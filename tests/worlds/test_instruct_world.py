@@ -1,0 +1,70 @@
+"""The instruct world (worlds/instruct.py) without generation: the split, the judge on plain and templated
+prompts, the IFEval checkers offline, the loose rule. The model is the real SmolLM2-135M-Instruct."""
+import json
+
+import pytest
+
+from lm import templated_prompt_text
+from worlds import instruct
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return instruct.build_world(tmp_path_factory.mktemp("w") / "instruct", seed=0)
+
+
+def read(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_split_holds_out_tasks_and_types(world):
+    train, held = read(world["train_prompts"]), read(world["eval_prompts"])
+    assert {r["task"] for r in train}.isdisjoint(instruct.EVAL_TASKS)
+    assert not any(t in instruct.UNSEEN_TYPES for r in train for t in r["instruction_id_list"])
+    assert {r["split"] for r in held} == {"seen", "unseen"}
+    for r in held:
+        assert (r["split"] == "unseen") == any(t in instruct.UNSEEN_TYPES for t in r["instruction_id_list"])
+        assert 1 <= len(r["instruction_id_list"]) <= 3 and instruct.compatible(r["instruction_id_list"])
+
+
+def test_build_is_deterministic(tmp_path):
+    a, b = instruct.make_prompts(seed=3), instruct.make_prompts(seed=3)
+    assert a == b and instruct.make_prompts(seed=4) != a
+
+
+def test_judge_reads_plain_and_templated_prompts(world):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(world["model"])
+    judge = instruct.InstructJudge(world["judge_path"])
+    rec = next(r for r in read(world["eval_prompts"]) if "change_case:english_lowercase" in r["instruction_id_list"])
+    ys = ["all lowercase here.", "NOT Lowercase", ""]
+    plain = judge.preferences([instruct.user_message(rec["prompt"])], [ys])[0]
+    templ = judge.preferences([templated_prompt_text(tok, rec["prompt"])], [ys])[0]
+    assert plain == templ
+    P, scores = plain
+    n = len(rec["instruction_id_list"])
+    assert scores[2] == 0.0 and scores[0] >= 1 / n and scores[1] <= scores[0]
+    for i in range(3):
+        assert P[i][i] == 0.5
+        for j in range(3):
+            assert abs(P[i][j] + P[j][i] - 1) < 1e-12 and 0 <= P[i][j] <= 1
+
+
+def test_unknown_prompt_is_an_input_error(world):
+    judge = instruct.InstructJudge(world["judge_path"])
+    with pytest.raises(instruct.InputError):
+        judge.preferences(["a prompt the world never wrote"], [["x"]])
+
+
+def test_sentence_counting_works_offline():
+    reg = instruct.registry()
+    inst = reg.INSTRUCTION_DICT["length_constraints:number_sentences"]("length_constraints:number_sentences")
+    inst.build_description(num_sentences=3, relation="less than")
+    assert inst.check_following("Dr. Smith came. He left.") and not inst.check_following("One. Two. Three. Four.")
+
+
+def test_loose_accepts_a_stray_first_line():
+    ids, kw = ["change_case:english_lowercase"], [{}]
+    y = "Sure! Here it is:\nall lowercase text"
+    assert instruct.follow_list(y, ids, kw, "p") == [False]
+    assert instruct.follow_list(y, ids, kw, "p", loose=True) == [True]
