@@ -38,6 +38,10 @@ positive_float = _number_type(float, lambda v: v > 0, "a finite number > 0")
 nonneg_float = _number_type(float, lambda v: v >= 0, "a finite number >= 0")
 probability = _number_type(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 fraction = _number_type(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+# seeds torch.manual_seed takes: train.py seeds its data order with seed * 100003 + epoch (< 2**64),
+# and iterate.py gives generate.py seed * 1000 + t
+stage_seed = _number_type(int, lambda v: 0 <= v < 2**47, "an integer in [0, 2**47)")
+run_seed = _number_type(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)")
 
 
 class Parser(argparse.ArgumentParser):
@@ -61,7 +65,7 @@ def generate_parser(description=None):
     ap.add_argument("--prompt_format", default="auto", choices=PROMPT_FORMATS,
                     help="chat: the chat template; plain: BOS + prompt text, the response continues it (base "
                          "models); auto: chat if the tokenizer has a template")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=stage_seed, default=0)
     ap.add_argument("--batch_size", type=positive_int, default=16, help="prompts per generate call (x K rows)")
     ap.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 on GPU, float32 on CPU")
     ap.add_argument("--backend", default="hf", choices=["hf", "vllm"],
@@ -128,7 +132,7 @@ def train_parser(description=None):
     ap.add_argument("--max_length", type=positive_int, default=1024, help="prompt + response tokens")
     ap.add_argument("--prompt_format", default="auto", choices=PROMPT_FORMATS,
                     help="as generate.py: chat template, plain text (base models), or auto")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=stage_seed, default=0)
     ap.add_argument("--dtype", default="auto", choices=DTYPES,
                     help="compute dtype; weights, gradient reduction and optimizer stay fp32. auto: bfloat16 on GPU")
     ap.add_argument("--freeze_embeddings", action=argparse.BooleanOptionalAction, default=False,
@@ -268,7 +272,7 @@ def iterate_parser(description=None):
                     "$SPPO_CACHE (else ~/.cache/sppo)/worlds/{preset}-seed{seed}-{hash of the world's code}, "
                     "shared by every run of that world and seed")
     ap.add_argument("--iterations", type=positive_int, default=3)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=run_seed, default=0)
     ap.add_argument("--preset", choices=sorted(PRESETS), help="default: toy without --model, else paper; "
                     "toy, sentiment and instruct without --model: that built-in world")
     ap.add_argument("--nproc_per_node", type=positive_int, default=1,
@@ -298,6 +302,10 @@ def iterate_args(argv=None, description=None):
         ap.error("--in_process needs --nproc_per_node 1 and --backend hf")
     if args.model is not None and args.world_dir:
         ap.error("--world_dir is for the built-in worlds (no --model)")
+    if args.K < 2:
+        ap.error(f"argument --K: SPPO ranks K >= 2 responses per prompt, got {args.K}")
+    if args.eval_prompts and args.eval_max == 0:
+        ap.error("argument --eval_max: 0 leaves no --eval_prompts prompt (give at least 1, or no --eval_prompts)")
     args.run_dir = args.run_dir or f"runs/{args.preset}-seed{args.seed}"
     return args
 

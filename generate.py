@@ -24,9 +24,10 @@ from tqdm import tqdm
 
 from flags import generate_parser
 from launch import dist_env, run_sharded, watch_launcher
-from lm import (checked_prompt_ids, cpu_lm_head, load_model, load_tokenizer, model_context, prompt_token_ids,
-                row_seed, stop_token_ids)
-from records import InputError, check_model_path, check_output, fail_with, path_stamp, read_records, run_info, write_json
+from lm import (check_model_files, checked_prompt_ids, cpu_lm_head, load_model, load_tokenizer, model_context,
+                prompt_token_ids, row_seed, stop_token_ids)
+from records import (InputError, check_model_path, check_not_input, check_output, check_work_dir, fail_with,
+                     one_line_errors, path_stamp, read_records, run_info, write_json)
 from vllm_backend import engine_kwargs, generate_responses_vllm, prepare_vllm_process, start_engine
 
 
@@ -103,6 +104,10 @@ def main(argv=None):
         check_model_path(args.model)
         check_output(args.out)
         records = read_records(args.prompts, stage="prompts")
+        for out in (args.out, f"{args.out}.info.json", f"{args.out}.shards"):
+            check_not_input(out, {"--model": args.model, "--prompts": args.prompts})
+        check_work_dir(f"{args.out}.shards", "generate.py")
+        check_model_files(args.model)
         context = model_context(args.model)  # a prompt must leave room for the new tokens
         if context and args.max_new_tokens >= context:
             raise InputError(f"--max_new_tokens {args.max_new_tokens}: the model takes only {context} tokens in all")
@@ -138,4 +143,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    one_line_errors(main)

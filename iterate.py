@@ -16,10 +16,12 @@ Every flag of generate.py, rank.py and train.py is a flag of iterate.py too and 
 (flags.py); all are checked before anything runs. A preset (toy without --model, paper with one,
 or --preset) changes some defaults: --dry-run prints the values a run gets and every command.
 """
+import contextlib
 import hashlib
 import importlib
 import importlib.metadata
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -31,9 +33,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from flags import iterate_args, stage_argv
 from launch import launcher, log_time, run_stage, stages_in_process
-from lm import checked_prompt_ids, load_tokenizer, model_context, prompt_text
-from records import (InputError, atomic_write, cache_root, check_model_path, fail_with, load_prompts, read_records,
-                     run_info, write_json, write_records)
+from lm import check_model_files, checked_prompt_ids, load_tokenizer, model_context, prompt_text
+from records import (InputError, atomic_write, cache_root, check_model_path, check_not_input, check_output,
+                     check_work_dir, content_stamp, exclusive_lock, fail_with, load_prompts, make_work_dir,
+                     one_line_errors, path_stamp, read_records, run_info, write_json, write_records)
 
 HERE = Path(__file__).resolve().parent
 # settings a run directory can be resumed with when they change: how the work runs, not what it computes
@@ -44,15 +47,28 @@ WORLD_CODE = ("lm.py", "records.py")  # what a built-in world is built with, bes
 def main(argv=None):
     args = iterate_args(argv, __doc__)  # every flag and choice checked here, before torch loads
     args.in_process = stages_in_process(args)
-    run_dir = args.run_dir = Path(args.run_dir).resolve()
-    timings = run_dir / "timings.jsonl"  # wall time of every stage run, appended (a resumed run adds its own)
+    args.run_dir = Path(args.run_dir).resolve()
     start = time.time()
-    world = open_world(args, timings)  # a built-in world's model, prompts, judge and evaluator; None with --model
+    world = open_world(args)  # a built-in world's model, prompts, judge and evaluator; None with --model
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     print(json.dumps(config, indent=2))
-    if not args.dry_run:
-        slices = check_inputs(args, config)  # all of them, before anything is written
-        write_json(run_dir / "config.json", run_info(config))
+    if args.dry_run:
+        return iterations(args, world, None, start)
+    slices, eval_prompts, inputs = check_inputs(args, config)  # all of them, before anything is written
+    with hold_run_dir(args.run_dir):  # ours alone while we run
+        write_json(args.run_dir / "config.json", dict(run_info(config), inputs=inputs))
+        if eval_prompts:
+            write_if_changed(args.run_dir / "eval_prompts.jsonl", eval_prompts)
+        if world is not None:
+            log_time(args.run_dir / "timings.jsonl", time.time() - world["build_seconds"], iteration=0,
+                     stage="build_world")
+        iterations(args, world, slices, start)
+
+
+def iterations(args, world, slices, start):
+    """The T iterations, each on its slice of the prompts (slices[t - 1]; None for a dry run)."""
+    run_dir = args.run_dir
+    timings = run_dir / "timings.jsonl"  # wall time of every stage run, appended (a resumed run adds its own)
 
     def stage(script, t, done=None, step=None, **given):
         """Stage `script` of iteration t with the flags `given` (the others as resolved here), unless
@@ -67,8 +83,8 @@ def main(argv=None):
         it = run_dir / f"iter{t}"
         prompts, responses, ranked, model = it / "prompts.jsonl", it / "responses.jsonl", it / "ranked.jsonl", it / "model"
         print(f"\n=== iteration {t}: pi_{t - 1} -> pi_{t} ===", flush=True)
-        if not args.dry_run and not prompts.exists():
-            write_records(prompts, slices[t - 1])  # this iteration's fresh slice of the prompts
+        if not args.dry_run:
+            write_if_changed(prompts, slices[t - 1])  # this iteration's fresh slice of the prompts
         # 1. K responses per prompt from pi_{t-1}
         stage("generate", t, responses, model=models[-1], prompts=prompts, out=responses, seed=args.seed * 1000 + t)
         # 2. the judge's P(y_i > y_j | x) and the win rates P(y_i > pi_{t-1} | x)
@@ -86,47 +102,92 @@ def main(argv=None):
 # ---- what the loop needs: a world, checked inputs, and reports on every policy ----------------------
 
 
-def open_world(args, timings):
+def open_world(args):
     """With no --model, the preset's built-in world (worlds/<preset>.py), built once into its
-    directory; its model, prompts and judge become the run's. Returns it (paths and its module),
-    or None when the user brings a model."""
+    directory (a cache outside the run directory); its model, prompts and judge become the run's.
+    Returns it (paths, its module, the seconds its build took), or None when the user brings a model."""
     if args.model is not None:
         return None
     module = importlib.import_module(f"worlds.{args.preset}")
-    args.world_dir = Path(args.world_dir or default_world_dir(args.preset, args.seed)).resolve()
-    if args.dry_run:
-        world = module.world_paths(args.world_dir)
-    else:
-        t0 = time.time()
-        args.run_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            world = module.build_world(args.world_dir, seed=args.seed)
-        except InputError as e:
-            fail_with(e)
-        log_time(timings, t0, iteration=0, stage="build_world")
+    t0 = time.time()
+    try:
+        check_run_dir(args.run_dir)  # before the build: a bad --run_dir is not found after it
+        if not args.world_dir:
+            check_output(cache_root(), "SPPO_CACHE", directory=True)
+        args.world_dir = Path(args.world_dir or default_world_dir(args.preset, args.seed)).resolve()
+        check_output(args.world_dir, "--world_dir", directory=True)
+        world = module.world_paths(args.world_dir) if args.dry_run else module.build_world(args.world_dir, seed=args.seed)
+    except InputError as e:
+        fail_with(e)
     args.model, args.prompts = str(world["model"]), str(world["train_prompts"])
     args.judge, args.judge_path = world["judge"], world["judge_path"] and str(world["judge_path"])
-    return dict(world, module=module)
+    return dict(world, module=module, build_seconds=time.time() - t0)
 
 
 def check_inputs(args, config):
-    """Everything checked before any work: the run directory's settings, the judge, the model, every
-    prompt of every iteration's slice, the eval prompts (copied into the run directory). Returns
-    the slices; bad input exits 2 with one line."""
+    """Everything checked before anything is written: the run directory (ours, not an input, its
+    settings and inputs the same as before once a stage has finished), the judge, the model, every
+    prompt of every iteration's slice and the schedule it trains with, the eval prompts. Returns
+    (the slices, the eval prompts, the content stamps of the inputs); bad input exits 2 with one line."""
     from judges import judge_factory
+    from train import check_schedule
     run_dir = args.run_dir
     try:
-        check_same_settings(run_dir / "config.json", config)
+        check_run_dir(run_dir)
         judge_factory(args.judge)  # a module:factory judge that does not import fails now, not after generate
         check_model_path(args.model)
+        check_model_files(args.model)
         slices = prompt_slices(args)
         check_prompts_fit(args, slices)
+        for records in slices:  # as train.py will count its steps: none may be all at lr 0
+            total = math.ceil(len(records) / args.global_batch) * args.epochs
+            check_schedule(args, len(records), total, math.ceil(args.warmup_ratio * total))
         eval_prompts = args.eval_prompts and load_prompts(args.eval_prompts, args.prompt_split, args.prompt_column)
+        if eval_prompts:
+            eval_prompts = eval_prompts[:args.eval_max]
+            check_eval_prompts_fit(args, eval_prompts)
+        for flag, path in [("--model", args.model), ("--eval_prompts", args.eval_prompts), ("--judge_path", args.judge_path),
+                           ("--world_dir", args.world_dir)] + [("--prompts", p) for p in args.prompts.split(",")]:
+            check_not_input(run_dir, {flag: path}, "--run_dir")
+        stamps = {"--model": path_stamp(args.model), "--judge_path": content_stamp(args.judge_path or ""),
+                  "--prompts": [content_stamp(s) for s in args.prompts.split(",")],
+                  "--eval_prompts": content_stamp(args.eval_prompts or "")}
+        check_same_settings(run_dir, config, stamps)
     except InputError as e:
         fail_with(e)
-    if eval_prompts and not (run_dir / "eval_prompts.jsonl").exists():
-        write_records(run_dir / "eval_prompts.jsonl", eval_prompts[:args.eval_max])
-    return slices
+    return slices, eval_prompts, stamps
+
+
+def check_run_dir(run_dir):
+    """--run_dir is a directory we can write, and one iterate.py (or a sweep) made, or new or empty."""
+    check_output(run_dir, "--run_dir", directory=True)
+    check_work_dir(run_dir, "iterate.py or a sweep", "--run_dir")
+
+
+@contextlib.contextmanager
+def hold_run_dir(run_dir):
+    """Make the run directory (marked as ours) and hold its lock for the block: a second iterate.py
+    on it is refused, not run against the first."""
+    make_work_dir(run_dir, "iterate.py")
+    lock = exclusive_lock(run_dir / ".lock", f"{run_dir}: another iterate.py is running in this directory")
+    try:
+        lock.__enter__()
+    except InputError as e:
+        fail_with(e)
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def write_if_changed(path, records):
+    """Write a copy of the input records the stages read, unless it already holds them."""
+    try:
+        same = path.exists() and read_records(path) == records
+    except InputError:
+        same = False
+    if not same:
+        write_records(path, records)
 
 
 def report(args, world, stage, models, timings):
@@ -191,6 +252,17 @@ def prompt_slices(args):
     return slices
 
 
+def check_eval_prompts_fit(args, records):
+    """The eval prompts fit the model's context with --eval_max_new_tokens, as generate.py will check."""
+    context = model_context(args.model)
+    if context and args.eval_max_new_tokens >= context:
+        raise InputError(f"--eval_max_new_tokens {args.eval_max_new_tokens}: the model takes only {context} tokens in all")
+    checked_prompt_ids(records, load_tokenizer(args.model), args.eval_prompts,
+                       context and context - args.eval_max_new_tokens,
+                       f"the model's context ({context}) minus --eval_max_new_tokens ({args.eval_max_new_tokens})",
+                       args.prompt_format)
+
+
 def check_prompts_fit(args, slices):
     """Every prompt of every slice, checked now as generate.py and train.py will check it: the
     chat template takes it, it fits the model's context with the new tokens, and it leaves room
@@ -208,17 +280,32 @@ def check_prompts_fit(args, slices):
                              f"(after --max_prompt_length {args.max_prompt_length}), no room for a response")
 
 
-def check_same_settings(config_path, config):
-    """A run directory is resumed only with the settings that made it (RESUME_FREE aside):
-    otherwise its finished stages would be kept as if made with the new ones."""
-    if not config_path.exists():
+FINISHED = ("iter*/responses.jsonl", "iter*/ranked.jsonl", "iter*/model/train_info.json", "iter*/eval_responses.jsonl")
+
+
+def check_same_settings(run_dir, config, stamps):
+    """A run directory that holds a finished stage (FINISHED) is resumed only with the settings that
+    made it (RESUME_FREE aside) and inputs of the same content (stamps: records.content_stamp):
+    otherwise its finished stages would be kept as if made with the new ones. One without takes
+    the new settings."""
+    config_path = run_dir / "config.json"
+    if not config_path.exists() or not any(any(run_dir.glob(pattern)) for pattern in FINISHED):
         return
-    saved = json.loads(config_path.read_text())["config"]
+    try:
+        record = json.loads(config_path.read_text())
+        saved, saved_stamps = record["config"], record["inputs"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{config_path}: not the record of an iterate.py run ({type(e).__name__}: {e}); "
+                         "give another --run_dir") from None
+    for flag, stamp in stamps.items():
+        if json.loads(json.dumps(stamp)) != saved_stamps.get(flag):
+            raise InputError(f"{flag} {config[flag[2:]]}: its content changed since this run directory was made; "
+                             f"give the old content, another --run_dir, or delete {run_dir}")
     diff = sorted(k for k in set(saved) | set(config) if k not in RESUME_FREE and saved.get(k) != config.get(k))
     if diff:
         details = "; ".join(f"--{k}: {saved.get(k)!r} in the run, {config.get(k)!r} now" for k in diff)
         raise InputError(f"{config_path}: this run directory was made with other settings ({details}). "
-                         "Give the same flags to resume it, or another --run_dir")
+                         f"Give the same flags to resume it, another --run_dir, or delete {run_dir}")
 
 
 def export_alpaca_eval(path, out_path, generator):
@@ -240,4 +327,4 @@ def split_prompts(records, parts):
 
 
 if __name__ == "__main__":
-    main()
+    one_line_errors(main)

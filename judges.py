@@ -229,7 +229,11 @@ def make_judge(spec: str, path=None, p_mode="pairwise", max_length=None, batch_s
         return PairRMJudge(path, p_mode=p_mode, max_length=max_length, batch_size=batch_size, device=device)
     if spec == "reward":
         return RewardJudge(path, max_length=max_length, batch_size=batch_size, device=device)
-    return judge_factory(spec)(path)
+    judge = judge_factory(spec)(path)
+    if not callable(getattr(judge, "preferences", None)):
+        raise InputError(f"--judge {spec}: the factory returned a {type(judge).__name__}, which has no "
+                         "preferences(prompts, responses) method")
+    return judge
 
 
 def judge_factory(spec: str):

@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from records import InputError, atomic_write, pid_alive, write_records
+from records import InputError, atomic_write, make_work_dir, pid_alive, write_records
 
 
 def dist_env():
@@ -51,7 +51,9 @@ def run_sharded(records, out, work, config):
     a rank whose shard file exists skips its work, so a re-run after a crash redoes only the
     unfinished shards. After a barrier rank 0 merges the shards into `out` and removes them.
     The shard files must be on a filesystem all ranks see (several nodes: a shared one).
-    One process: no shard files, `work(records)` goes straight to `out`.
+    One process: no shard files, `work(records)` goes straight to `out`. The shard directory
+    OUT.shards is marked as the stage's when made (records.make_work_dir); the stage refuses one it
+    did not make (records.check_work_dir) before any rank starts.
     """
     rank, world, _ = dist_env()
     if world == 1:
@@ -64,6 +66,7 @@ def run_sharded(records, out, work, config):
     # for the slowest shard (hours of generation on a big model)
     dist.init_process_group("gloo", timeout=datetime.timedelta(hours=24))
     mine = shard_path(out, records, rank, world, config)
+    make_work_dir(mine.parent, Path(sys.argv[0]).name)
     if not mine.exists():
         done = work(shard_of(records, rank, world))
         atomic_write(mine, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in done))

@@ -52,6 +52,63 @@ def load_model(model_dir, dtype=None, device="cpu"):
     return model.to(device)
 
 
+def check_model_files(model_dir, flag="--model"):
+    """A local model directory's files, checked before any work: config.json is a config transformers
+    takes, every weight file's header reads and ends where the file does, each weight's shape is the
+    one config.json gives it, and the tokenizer's ids fit the embedding. (Without this, a damaged
+    directory is a traceback deep in loading or an IndexError in the forward, or worse: weights of
+    another shape silently re-initialised.) A hub name is not checked here."""
+    import json
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+    path = Path(model_dir)
+    if not path.is_dir():
+        return
+    try:
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    except Exception as e:  # transformers raises what the config's values make it raise (TypeError, ValueError, ...)
+        raise InputError(f"{flag} {model_dir}: config.json is not a model config transformers can build "
+                         f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
+    index = path / "model.safetensors.index.json"
+    try:
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else \
+            [p.name for p in path.glob("*.safetensors")]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise InputError(f"{flag} {model_dir}: {index.name} is not a safetensors index ({e})") from e
+    if not files:
+        raise InputError(f"{flag} {model_dir}: no *.safetensors weights in it")
+    for name in files:
+        weights = path / name
+        try:
+            size = weights.stat().st_size
+            with open(weights, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(header_len)) if 0 < header_len < size else None
+            end = 8 + header_len + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if end != size:
+                raise InputError(f"{flag} {model_dir}: {name} is truncated or padded (its header says "
+                                 f"{end} bytes, the file has {size})")
+            with safe_open(weights, "pt") as f:
+                found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except InputError:
+            raise
+        except Exception as e:  # a missing, empty or garbled file: OSError, SafetensorError, bad JSON
+            raise InputError(f"{flag} {model_dir}: {name} is not a readable safetensors file "
+                             f"({type(e).__name__}: {str(e).strip()[:200]})") from e
+        for key, shape in found.items():
+            if key in shapes and shapes[key] != shape:
+                raise InputError(f"{flag} {model_dir}: {name}: {key} has shape {list(shape)}, but config.json "
+                                 f"makes it {list(shapes[key])}: the config and the weights disagree")
+    rows = next((v[0] for k, v in shapes.items() if k.endswith("embed_tokens.weight")), None)
+    vocab = load_tokenizer(path).get_vocab()
+    if rows is not None and vocab and max(vocab.values()) >= rows:
+        raise InputError(f"{flag} {model_dir}: the tokenizer has token id {max(vocab.values())}, but the embedding "
+                         f"has {rows} rows")
+
+
 def model_context(model_dir):
     """The longest sequence the model takes (max_position_embeddings), or None if it does not say."""
     from transformers import AutoConfig

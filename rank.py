@@ -20,6 +20,7 @@ Judges see the response text and, by default, the plain prompt text (the last us
 the policy's chat template up to the answer, as text (lm.templated_prompt_text).
 """
 import functools
+import math
 import sys
 
 import torch
@@ -29,32 +30,61 @@ from flags import rank_parser
 from judges import judge_factory, make_judge
 from launch import dist_env, run_sharded, watch_launcher
 from lm import load_tokenizer, prompt_text, templated_prompt_text
-from records import InputError, check_output, fail_with, path_stamp, preference_matrix_problem, read_records
+from records import (InputError, check_not_input, check_output, check_work_dir, fail_with, one_line_errors, path_stamp,
+                     preference_matrix_problem, read_records)
 from sppo_loss import win_rates
 
 
-def checked_matrix(P, K, rec_id):
-    """The judge's P as a float tensor, checked: K x K, entries in [0, 1]."""
-    P = torch.as_tensor(P, dtype=torch.float64)
+def checked_matrix(P, K, rec_id, name="the judge"):
+    """The judge's P as a float tensor, checked: K x K, entries in [0, 1]; `name` (--judge) names the judge."""
+    try:
+        P = torch.as_tensor(P, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise InputError(f"judge {name} returned a P that is not a {K} x {K} matrix of numbers for id {rec_id!r} ({e})") from None
     if P.shape != (K, K):
-        raise InputError(f"judge returned P of shape {tuple(P.shape)} for id {rec_id!r}, expected {K} x {K}")
+        raise InputError(f"judge {name} returned P of shape {tuple(P.shape)} for id {rec_id!r}, expected {K} x {K}")
     if torch.isnan(P).any() or (P < 0).any() or (P > 1).any():
-        raise InputError(f"judge returned P outside [0, 1] for id {rec_id!r}")
+        raise InputError(f"judge {name} returned P outside [0, 1] for id {rec_id!r}")
     problem = preference_matrix_problem(P.tolist())
     if problem:
-        raise InputError(f"judge returned a P that is not a preference matrix for id {rec_id!r}: {problem}")
+        raise InputError(f"judge {name} returned a P that is not a preference matrix for id {rec_id!r}: {problem}")
     return P
 
 
-def rank_records(records, judge, batch_size=16, desc="rank", judge_text=prompt_text):
+def is_finite_number(x):
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
+def checked_results(results, batch, name):
+    """The judge's results for a batch: one (P, scores) pair per prompt, no more, no fewer."""
+    if not isinstance(results, (list, tuple)) or len(results) != len(batch):
+        got = f"{len(results)} results" if isinstance(results, (list, tuple)) else \
+            f"a {type(results).__name__}, not a list of results,"
+        raise InputError(f"judge {name} returned {got} for {len(batch)} prompts (ids {batch[0]['id']!r} .. "
+                         f"{batch[-1]['id']!r}); it must return one (P, scores) pair per prompt, in order")
+    for rec, result in zip(batch, results):
+        if not (isinstance(result, (list, tuple)) and len(result) == 2):
+            raise InputError(f"judge {name} returned {result!r:.80} for id {rec['id']!r}, not a (P, scores) pair")
+        K, scores = len(rec["responses"]), result[1]
+        if scores is not None and not (isinstance(scores, (list, tuple, torch.Tensor)) and len(scores) == K
+                                       and all(map(is_finite_number, scores))):
+            raise InputError(f"judge {name} returned {len(scores) if hasattr(scores, '__len__') else 'no list of'} "
+                             f"scores for the K={K} responses of id {rec['id']!r}; expected None or K finite numbers")
+    return results
+
+
+def rank_records(records, judge, batch_size=16, desc="rank", judge_text=prompt_text, name="the judge"):
     """Add P, win_rate (and scores) to each record; records are not modified in place.
-    judge_text(prompt) is the prompt as the judge reads it."""
+    judge_text(prompt) is the prompt as the judge reads it; `name` (the --judge spec) names it in errors."""
     out = []
     for start in tqdm(range(0, len(records), batch_size), desc=desc, unit="batch"):
         batch = records[start:start + batch_size]
         results = judge.preferences([judge_text(r["prompt"]) for r in batch], [r["responses"] for r in batch])
-        for rec, (P, scores) in zip(batch, results):
-            P = checked_matrix(P, len(rec["responses"]), rec["id"])
+        for rec, (P, scores) in zip(batch, checked_results(results, batch, name)):
+            P = checked_matrix(P, len(rec["responses"]), rec["id"], name)
             new = dict(rec, P=P.tolist(), win_rate=win_rates(P).tolist())
             if scores is not None:
                 new["scores"] = [float(s) for s in scores]
@@ -73,7 +103,7 @@ def main(argv=None):
         built.append(make_judge(args.judge, args.judge_path, p_mode=args.p_mode, max_length=args.judge_max_length,
                                 batch_size=args.judge_batch_size, device=device))
         return rank_records(shard, built[0], args.batch_size, desc="rank" if world == 1 else f"rank {rank}/{world}",
-                            judge_text=judge_text)
+                            judge_text=judge_text, name=args.judge)
     try:  # every rank checks paths, judge and the whole file, so bad input stops all ranks alike, before any work
         check_output(args.out)
         judge_factory(args.judge)
@@ -86,6 +116,10 @@ def main(argv=None):
                 raise InputError(f"--template_model {args.template_model}: the tokenizer has no chat template")
             judge_text = functools.partial(templated_prompt_text, tokenizer)
         records = read_records(args.responses, stage="responses")
+        for out in (args.out, f"{args.out}.shards"):
+            check_not_input(out, {"--responses": args.responses, "--judge_path": args.judge_path,
+                                  "--template_model": args.template_model})
+        check_work_dir(f"{args.out}.shards", "rank.py")
         run_sharded(records, args.out, work, config=dict(vars(args), judge_path=path_stamp(args.judge_path or "")))
     except InputError as e:
         fail_with(e)
@@ -95,4 +129,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    one_line_errors(main)

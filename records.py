@@ -7,7 +7,9 @@ Outputs are written to a temporary file and renamed (`atomic_write`), so nothing
 Nothing here imports torch.
 """
 import contextlib
+import errno
 import fcntl
+import hashlib
 import glob
 import json
 import os
@@ -26,6 +28,26 @@ def fail_with(e: Exception):
     """Exit non-zero with one clear line: what scripts do with an InputError."""
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES)
+
+
+def one_line_errors(main):
+    """Run a script's main(): bad input, a full or read-only disk, Ctrl-C each end in one line, not a
+    traceback (exit 2; Ctrl-C 130). Outputs are written atomically, so nothing is half-written."""
+    try:
+        main()
+    except InputError as e:
+        fail_with(e)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:
+            raise
+        fail_with(f"{e.filename or ''}: {e.strerror}: nothing half-written is left; "
+                  + ("free space and " if e.errno in DISK_ERRORS[:3] else "") + "run the same command again")
 
 
 def _fail(path, line_no, field, msg):
@@ -57,10 +79,24 @@ def _check_prompt(prompt, path, line_no):
         _fail(path, line_no, "prompt", "the last user message is empty or only whitespace")
 
 
+def _check_unicode(rec, path, line_no):
+    """Python's json reads a lone surrogate escape ("\\ud800"), which no UTF-8 file or tokenizer takes."""
+    try:
+        json.dumps(rec, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        for field, value in rec.items():
+            try:
+                json.dumps([field, value], ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                _fail(path, line_no, field, f"lone surrogate {e.object[e.start:e.end]!r}: not valid Unicode")
+        _fail(path, line_no, None, "a lone surrogate: not valid Unicode")
+
+
 def _check_record(rec, path, line_no, stage, K):
     """Check one record for `stage` in ("prompts", "responses", "ranked"); returns its K."""
     if not isinstance(rec, dict):
         _fail(path, line_no, None, f"expected a JSON object, got {type(rec).__name__}")
+    _check_unicode(rec, path, line_no)
     for field in ("id", "prompt"):
         if field not in rec:
             _fail(path, line_no, field, "missing")
@@ -182,6 +218,9 @@ def load_prompts(source, split="train", column="prompt"):
     of chat messages) and the id from "id" or "prompt_id" when present, else "<source>-<row>".
     """
     path = Path(source)
+    if not path.exists() and (str(source).startswith((".", "/", "~")) or str(source).count("/") > 1
+                              or path.suffix in (".json", ".jsonl", ".parquet", ".csv", ".arrow")):
+        raise InputError(f"{source}: file not found")
     if path.is_file() and path.suffix == ".json":
         return read_json_prompts(path, column)
     if path.is_file():
@@ -216,10 +255,15 @@ def read_json_prompts(path, column="prompt"):
     instruction, output, generator, dataset). The prompt is the `column` field, or "instruction"
     in rows without it; ids from "id", else "<file stem>-<index>". The reference answer's "output"
     and "generator" are dropped: they describe another model's answer, not the prompt."""
+    raw = Path(path).read_bytes()
     try:
-        rows = json.loads(Path(path).read_text(encoding="utf-8"))
+        rows = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        _fail(path, None, None, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})")
     except json.JSONDecodeError as e:
         _fail(path, e.lineno, None, f"malformed JSON ({e.msg} at column {e.colno})")
+    except RecursionError:
+        _fail(path, None, None, "malformed JSON (nested too deeply)")
     if not isinstance(rows, list) or not rows:
         _fail(path, None, None, "expected a non-empty JSON list of objects (or a .jsonl file)")
     records = []
@@ -307,6 +351,8 @@ def build_once(out_dir):
         if (out_dir / BUILT).exists():  # it did
             yield None
             return
+        if out_dir.exists() and not out_dir.is_dir():
+            raise InputError(f"{out_dir}: exists and is not a directory")
         if out_dir.exists() and any(out_dir.iterdir()):
             raise InputError(f"{out_dir}: exists and holds no finished build (no {BUILT!r} file); "
                              "delete it or give another directory")
@@ -382,3 +428,75 @@ def path_stamp(name):
         return str(name)
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     return [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+
+def check_not_input(out, inputs, flag="--out"):
+    """Refuse an output that is an input, lies inside an input directory, or holds an input (a
+    directory output is replaced whole). inputs: {flag: path}; paths that do not exist locally (hub
+    names, None) are skipped; symlinks are resolved."""
+    out = Path(out).resolve()
+    for name, path in inputs.items():
+        if not path or not Path(path).exists():
+            continue
+        path = Path(path).resolve()
+        if out == path:
+            what = f"is {name} {path}"
+        elif path in out.parents:
+            what = f"is inside {name} {path}"
+        elif out in path.parents:
+            what = f"holds {name} {path}"
+        else:
+            continue
+        raise InputError(f"{flag} {out}: {what}; refusing to replace an input: give another {flag}")
+
+
+WORK_MARK = ".sppo-work"  # in every work directory a stage creates: what it may empty or delete
+
+
+def make_work_dir(path, owner):
+    """Create the work directory `path` (or keep it) and mark it as made by `owner`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / WORK_MARK).exists():
+        atomic_write(path / WORK_MARK, lambda f: f.write(f"{owner}\n"))
+    return path
+
+
+def check_work_dir(path, owner, flag="--out"):
+    """A work directory that exists must be one a stage made (it holds WORK_MARK) or be empty:
+    a user's directory of the same name is refused, never emptied."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise InputError(f"{path}: exists and is not a directory; move it away or give another {flag}")
+    if any(path.iterdir()) and not (path / WORK_MARK).exists():
+        raise InputError(f"{path}: exists and was not made by {owner} (no {WORK_MARK} in it); refusing to "
+                         f"delete it: move it away or give another {flag}")
+
+
+@contextlib.contextmanager
+def exclusive_lock(path, busy):
+    """Hold the lock file `path` for the block, or raise InputError(busy) if another process holds it.
+    The kernel drops the lock when the file closes, however the process ends."""
+    with open(path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(busy) from None
+        yield
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def content_stamp(name):
+    """What an input holds: the sha256 of a local file, the path_stamp of a directory, else (a hub
+    name) the name. A run directory records it, so a changed file is not mistaken for the old one."""
+    path = Path(name)
+    return file_sha256(path) if path.is_file() else path_stamp(name)

@@ -15,7 +15,6 @@ and with --save_every the checkpoints of checkpoint.py): run the same command ag
 and training continues from the last checkpoint, to the parameters an uninterrupted run ends with.
 """
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -29,12 +28,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from checkpoint import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint
+from checkpoint import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
 from flags import train_parser
 from launch import dist_env, watch_launcher
-from lm import (LARGE_VOCAB, collate, cpu_lm_head, load_model, load_tokenizer, prompt_token_ids,
+from lm import (LARGE_VOCAB, check_model_files, collate, cpu_lm_head, load_model, load_tokenizer, prompt_token_ids,
                 response_token_ids, sequence_logps)
-from records import (InputError, check_model_path, check_output, fail_with, read_records, record_line, run_info,
+from records import (InputError, check_model_path, check_not_input, check_output, check_work_dir, fail_with,
+                     file_sha256, make_work_dir, one_line_errors, path_stamp, read_records, record_line, run_info,
                      write_json)
 from sppo_loss import preference_loss, responses_used
 from train_batches import data_order, longest, micro_batches_of, padded_share
@@ -142,16 +142,26 @@ def setup(args):
             raise InputError("--cpu_offload needs torchrun on GPUs (FSDP2 offloads to CPU from GPU memory)")
         check_model_path(args.model)
         check_output(out, directory=True)
+        records = read_records(args.ranked, stage="ranked")
+        for path in (out, work_dir):  # before the train_info.json rule: --out = --model may be a dir train.py wrote
+            check_not_input(path, {"--model": args.model, "--ranked": args.ranked})
+        check_work_dir(work_dir, "train.py")
         if out.is_dir() and any(out.iterdir()) and not (out / "train_info.json").exists():
             raise InputError(f"--out {out}: exists and was not written by train.py (no train_info.json); "
                              "refusing to replace it: move it away or give another --out")
-        records = read_records(args.ranked, stage="ranked")
         tokenizer = load_tokenizer(args.model)
         examples, n_cut = build_examples(records, tokenizer, args.loss_type, args.max_prompt_length, args.max_length,
                                          args.prompt_format, path=args.ranked)
-        config = dict(vars(args), world_size=world, ranked_sha256=hashlib.sha256(Path(args.ranked).read_bytes()).hexdigest())
+        check_model_files(args.model)
+        steps_per_epoch = math.ceil(len(examples) / args.global_batch)
+        total_steps = steps_per_epoch * args.epochs
+        warmup = math.ceil(args.warmup_ratio * total_steps)
+        lrs = check_schedule(args, len(examples), total_steps, warmup)
+        config = dict(vars(args), world_size=world, ranked_sha256=file_sha256(args.ranked),
+                      model_files=path_stamp(args.model))  # a checkpoint resumes only for the same pi_t
         resume = latest_checkpoint(work_dir / "ckpt")
         if resume is not None:
+            verify_checkpoint(resume, rank)
             check_resumable(resume, config)
     except InputError as e:
         fail_with(e)
@@ -160,6 +170,9 @@ def setup(args):
         print(f"warning: {n_cut} responses cut to --max_length {args.max_length} (their end tokens are not trained on)")
     if rank == 0 and prompts_cut:
         print(f"warning: {prompts_cut} prompts cut to their last --max_prompt_length {args.max_prompt_length} tokens")
+    if rank == 0 and total_steps < FEW_STEPS:
+        print(f"warning: {len(examples)} examples make {total_steps} optimizer step{'s' * (total_steps > 1)}, at lr "
+              + ", ".join(f"{lr:.3g}" for lr in lrs))
     if fsdp:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
@@ -190,9 +203,6 @@ def setup(args):
     # schedule: HF's linear warmup from 0, then linear decay (or constant), as the official trainer
     opt_cls = torch.optim.RMSprop if args.optimizer == "rmsprop" else torch.optim.AdamW
     optimizer = opt_cls([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    steps_per_epoch = math.ceil(len(examples) / args.global_batch)
-    total_steps = steps_per_epoch * args.epochs
-    warmup = math.ceil(args.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total_steps, args.lr_schedule))
     # on the CPU with a large vocabulary the LM head runs in the layout the CPU's GEMM is fast in
     fast_head = device.type == "cpu" and model.config.get_text_config().vocab_size >= LARGE_VOCAB
@@ -237,8 +247,9 @@ def train_loop(run, ref_logps):
     if run.fsdp:
         dist.barrier()  # every rank has looked for a checkpoint before rank 0 clears the work dir
     if run.master:
-        if run.resume is None:
+        if run.resume is None:  # our own work dir, or none (setup refused any other)
             shutil.rmtree(run.work_dir, ignore_errors=True)
+        make_work_dir(run.work_dir, "train.py")
         log = metrics_log(run.work_dir / "metrics.jsonl", start_step)
     model.train()
     t0 = time.time()
@@ -347,6 +358,22 @@ class NonFiniteError(ArithmeticError):
     """The loss or gradient of a step is NaN or infinite: training stops, nothing is saved."""
 
 
+FEW_STEPS = 10  # fewer optimizer steps than this: train.py says how many, and at which learning rates
+
+
+def check_schedule(args, n_examples, total_steps, warmup):
+    """The learning rate of every optimizer step; refuses a schedule whose steps are all at lr 0
+    (few examples for --global_batch: the one step is warmup's first, at 0), which would return
+    --model unchanged. --lr 0 itself is allowed (a no-op baseline on purpose), with the warning."""
+    lrs = [args.lr * lr_factor(s, warmup, total_steps, args.lr_schedule) for s in range(total_steps)]
+    if args.lr > 0 and max(lrs) == 0:
+        raise InputError(f"--global_batch {args.global_batch}, --warmup_ratio {args.warmup_ratio}: {n_examples} "
+                         f"examples make {total_steps} optimizer step{'s' * (total_steps > 1)}, all at lr 0 (warmup "
+                         "starts at 0): training would return --model unchanged; lower --global_batch or "
+                         "--warmup_ratio, or give more prompts")
+    return lrs
+
+
 def lr_factor(step, warmup_steps, total_steps, schedule="linear"):
     """The learning rate of optimizer step `step` (0-based) as a fraction of --lr: HF's
     get_linear_schedule_with_warmup (or get_constant_schedule_with_warmup), as the official
@@ -360,4 +387,4 @@ def lr_factor(step, warmup_steps, total_steps, schedule="linear"):
 
 
 if __name__ == "__main__":
-    main()
+    one_line_errors(main)

@@ -29,7 +29,6 @@ with a band of +- one standard deviation.
 import argparse
 import contextlib
 import csv
-import fcntl
 import hashlib
 import itertools
 import json
@@ -43,8 +42,9 @@ import sys
 import time
 from pathlib import Path
 
-from flags import iterate_args, iterate_parser
-from records import InputError, atomic_write, fail_with, write_json
+from flags import iterate_args, iterate_parser, run_seed
+from records import (InputError, atomic_write, check_not_input, check_output, exclusive_lock, fail_with,
+                     make_work_dir, one_line_errors, write_json)
 
 HERE = Path(__file__).resolve().parent.parent  # the project root
 # How a cell is run; the tests put a fake iterate.py here.
@@ -120,10 +120,11 @@ def parse_combos(specs, grid):
 
 
 def parse_seeds(text):
+    """'0,1,2' -> [0, 1, 2]: each an iterate.py --seed (flags.run_seed), none empty or repeated."""
     try:
-        seeds = [int(s) for s in text.split(",")]
-    except ValueError:
-        raise InputError(f"--seeds {text!r}: expected integers separated by commas, e.g. 0,1,2") from None
+        seeds = [run_seed(s) for s in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise InputError(f"--seeds {text!r}: expected integers in [0, 2**32) separated by commas, e.g. 0,1,2") from None
     if len(set(seeds)) < len(seeds):
         raise InputError(f"--seeds {text!r}: a seed is repeated")
     return seeds
@@ -197,7 +198,7 @@ def run_cell(cell, cell_dir):
     if done.exists():
         print("  done before: skipped", flush=True)
         return True
-    cell_dir.mkdir(parents=True, exist_ok=True)
+    make_work_dir(cell_dir, "tools.sweep")  # iterate.py takes a run directory a sweep made
     cmd = ITERATE + cell["args"] + ["--run_dir", str(cell_dir)]
     t0 = time.time()
     with open(cell_dir / "sweep.log", "a") as log:
@@ -229,20 +230,53 @@ def sweep_lock(out):
     """Refuse to run next to another sweep in the same directory: both would run the same cell.
     The kernel drops the lock when the file closes, however this process ends."""
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "sweep.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InputError(f"{out}: another sweep is running in this directory") from None
+    with exclusive_lock(out / "sweep.lock", f"{out}: another sweep is running in this directory"):
         yield
+
+
+def read_sweep_record(out):
+    """OUT/sweep.json as sweep.py wrote it: grid [[flag, [values]]], seeds [int], combos, iterate_args."""
+    path = out / "sweep.json"
+    try:
+        record = json.loads(path.read_bytes().decode("utf-8"))
+        grid = dict(record["grid"])
+        ok = (all(isinstance(k, str) and isinstance(v, list) and all(isinstance(x, str) for x in v) for k, v in grid.items())
+              and isinstance(record["seeds"], list) and all(type(x) is int for x in record["seeds"])
+              and isinstance(record.get("combos", []), list) and isinstance(record["iterate_args"], list))
+        combos = [dict(pairs) for pairs in record.get("combos", [])]
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        ok, grid, combos = False, None, None
+        why = f"{type(e).__name__}: {e}"
+    else:
+        why = "a field of another type"
+    if not ok:
+        raise InputError(f"{path}: not a sweep record of tools.sweep ({why}); give another --out")
+    return grid, record["seeds"], combos, record["iterate_args"]
+
+
+def check_sweep_dir(out, grid, combos, iterate_args):
+    """--out is new, or empty, or the directory of this very sweep (same grid, combos and arguments
+    after --; the seeds may differ): a user's directory or another sweep's is refused, not written into."""
+    check_output(out, "--out", directory=True)
+    if not out.exists() or not (set(os.listdir(out)) - {"sweep.lock"}):
+        return
+    if not (out / "sweep.json").exists():
+        raise InputError(f"--out {out}: exists and holds no sweep.json of tools.sweep; give another --out")
+    recorded = read_sweep_record(out)
+    if (recorded[0], recorded[2], recorded[3]) != (grid, combos, list(iterate_args)):
+        raise InputError(f"{out / 'sweep.json'}: this directory holds another sweep (grid "
+                         f"{' '.join(k + '=' + ','.join(v) for k, v in recorded[0].items()) or '-'}, "
+                         f"{len(recorded[2])} combos, arguments {shlex.join(recorded[3])!r}); use another --out")
 
 
 def read_eval(path):
     """A cell's eval.json rows: a list of objects, each with an integer 'iteration'."""
     try:
-        rows = json.loads(path.read_text())
+        rows = json.loads(path.read_bytes().decode("utf-8"))
     except json.JSONDecodeError as e:
         raise InputError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not isinstance(rows, list):
         raise InputError(f"{path}: expected a list of rows, got {type(rows).__name__}")
     for i, row in enumerate(rows):
@@ -361,24 +395,29 @@ def main(argv=None):
         if args.aggregate_only and not args.grid and not args.combo and args.seeds is None:
             if not (out / "sweep.json").exists():
                 raise InputError(f"{out / 'sweep.json'}: missing; give --grid and --seeds, or run the sweep first")
-            recorded = json.loads((out / "sweep.json").read_text())
-            grid, seeds = dict(recorded["grid"]), recorded["seeds"]
-            combos = [dict(pairs) for pairs in recorded.get("combos", [])]
+            grid, seeds, combos, _ = read_sweep_record(out)
         else:
-            grid, seeds = parse_grid(args.grid), parse_seeds(args.seeds or "0")
+            grid, seeds = parse_grid(args.grid), parse_seeds("0" if args.seeds is None else args.seeds)
             combos = parse_combos(args.combo, grid)
             check_iterate_args(args.iterate_args, grid, combos)
         todo, failed = cells(grid, seeds, args.iterate_args, combos), []
         if not args.aggregate_only:
             for cell in todo:  # a bad flag, value or choice anywhere in the grid: one line now (exit 2), no cell run
                 iterate_args(cell["args"])
+            check_sweep_dir(out, grid, combos, args.iterate_args)
+            for arg in args.iterate_args:  # the cells' inputs (the paths after --) are not to be written over
+                if "/" in arg or Path(arg).suffix:
+                    check_not_input(out, {"an argument after --": arg}, "--out")
+            if (out / "sweep.json").exists():  # the same sweep with more seeds: the record keeps them all
+                seeds = list(dict.fromkeys(read_sweep_record(out)[1] + seeds))
             check_finished(todo, out)
             with sweep_lock(out):
                 # the grid as [flag, values] pairs: write_json sorts an object's keys, and the order names the cells
                 write_json(out / "sweep.json", {"grid": list(grid.items()), "seeds": seeds,
                                                 "combos": [list(combo.items()) for combo in combos],
                                                 "iterate_args": args.iterate_args, "iterate": ITERATE,
-                                                "command": args.command, "cells": [c["name"] for c in todo]})
+                                                "command": args.command,
+                                                "cells": [c["name"] for c in cells(grid, seeds, args.iterate_args, combos)]})
                 for i, cell in enumerate(todo):
                     print(f"[{i + 1}/{len(todo)}] {cell['name']}", flush=True)
                     if not run_cell(cell, out / cell["name"]):
@@ -406,4 +445,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    one_line_errors(main)
