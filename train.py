@@ -37,7 +37,7 @@ from records import (InputError, check_model_path, check_not_input, check_output
                      file_sha256, make_work_dir, one_line_errors, path_stamp, read_records, record_line, run_info,
                      write_json)
 from sppo_loss import preference_loss, responses_used
-from train_batches import data_order, longest, micro_batches_of, padded_share
+from train_steps import FEW_STEPS, check_schedule, data_order, longest, lr_factor, micro_batches_of, padded_share
 from train_metrics import (STEP_STATS, flops_per_token_terms, metrics_log, peak_tflops, progress_postfix, step_metrics,
                            step_tokens)
 
@@ -137,42 +137,9 @@ def setup(args):
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
     out = Path(args.out)
     work_dir = out.with_name(out.name + ".tmp")  # metrics.jsonl, ckpt/; becomes nothing once out is written
-    try:
-        if args.cpu_offload and not (fsdp and device.type == "cuda"):
-            raise InputError("--cpu_offload needs torchrun on GPUs (FSDP2 offloads to CPU from GPU memory)")
-        check_model_path(args.model)
-        check_output(out, directory=True)
-        records = read_records(args.ranked, stage="ranked")
-        for path in (out, work_dir):  # before the train_info.json rule: --out = --model may be a dir train.py wrote
-            check_not_input(path, {"--model": args.model, "--ranked": args.ranked})
-        check_work_dir(work_dir, "train.py")
-        if out.is_dir() and any(out.iterdir()) and not (out / "train_info.json").exists():
-            raise InputError(f"--out {out}: exists and was not written by train.py (no train_info.json); "
-                             "refusing to replace it: move it away or give another --out")
-        tokenizer = load_tokenizer(args.model)
-        examples, n_cut = build_examples(records, tokenizer, args.loss_type, args.max_prompt_length, args.max_length,
-                                         args.prompt_format, path=args.ranked)
-        check_model_files(args.model)
-        steps_per_epoch = math.ceil(len(examples) / args.global_batch)
-        total_steps = steps_per_epoch * args.epochs
-        warmup = math.ceil(args.warmup_ratio * total_steps)
-        lrs = check_schedule(args, len(examples), total_steps, warmup)
-        config = dict(vars(args), world_size=world, ranked_sha256=file_sha256(args.ranked),
-                      model_files=path_stamp(args.model))  # a checkpoint resumes only for the same pi_t
-        resume = latest_checkpoint(work_dir / "ckpt")
-        if resume is not None:
-            verify_checkpoint(resume, rank)
-            check_resumable(resume, config)
-    except InputError as e:
-        fail_with(e)
-    prompts_cut = sum(ex["prompt_cut"] for ex in examples)
-    if rank == 0 and n_cut:
-        print(f"warning: {n_cut} responses cut to --max_length {args.max_length} (their end tokens are not trained on)")
-    if rank == 0 and prompts_cut:
-        print(f"warning: {prompts_cut} prompts cut to their last --max_prompt_length {args.max_prompt_length} tokens")
-    if rank == 0 and total_steps < FEW_STEPS:
-        print(f"warning: {len(examples)} examples make {total_steps} optimizer step{'s' * (total_steps > 1)}, at lr "
-              + ", ".join(f"{lr:.3g}" for lr in lrs))
+    if args.cpu_offload and not (fsdp and device.type == "cuda"):
+        fail_with(InputError("--cpu_offload needs torchrun on GPUs (FSDP2 offloads to CPU from GPU memory)"))
+    tokenizer, examples, n_cut, config, resume, (steps_per_epoch, total_steps, warmup) = check_inputs(args, rank, world)
     if fsdp:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
@@ -208,11 +175,55 @@ def setup(args):
     fast_head = device.type == "cpu" and model.config.get_text_config().vocab_size >= LARGE_VOCAB
     return SimpleNamespace(
         args=args, rank=rank, world=world, fsdp=fsdp, device=device, master=rank == 0, out=out, work_dir=work_dir,
-        config=config, resume=resume, examples=examples, tokenizer=tokenizer, n_cut=n_cut, prompts_cut=prompts_cut,
+        config=config, resume=resume, examples=examples, tokenizer=tokenizer, n_cut=n_cut,
+        prompts_cut=sum(ex["prompt_cut"] for ex in examples),
         model=model, optimizer=optimizer, scheduler=scheduler, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
         flop_counts=flop_counts, peak=(args.peak_tflops or peak_tflops(device) or 0) * 1e12 * world,  # 0: unknown
         autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not fsdp),  # one process
         head=(lambda: cpu_lm_head(model)) if fast_head else contextlib.nullcontext)
+
+
+def check_inputs(args, rank, world):
+    """The ranked data as examples, the model's tokenizer, the run's config and schedule, and the
+    checkpoint to resume, all checked on every rank before any collective, so bad input stops all
+    ranks alike with one clear line (exit 2); and the warnings a user must see."""
+    out = Path(args.out)
+    work_dir = out.with_name(out.name + ".tmp")
+    try:
+        check_model_path(args.model)
+        check_output(out, directory=True)
+        records = read_records(args.ranked, stage="ranked")
+        for path in (out, work_dir):  # before the train_info.json rule: --out = --model may be a dir train.py wrote
+            check_not_input(path, {"--model": args.model, "--ranked": args.ranked})
+        check_work_dir(work_dir, "train.py")
+        if out.is_dir() and any(out.iterdir()) and not (out / "train_info.json").exists():
+            raise InputError(f"--out {out}: exists and was not written by train.py (no train_info.json); "
+                             "refusing to replace it: move it away or give another --out")
+        tokenizer = load_tokenizer(args.model)
+        examples, n_cut = build_examples(records, tokenizer, args.loss_type, args.max_prompt_length, args.max_length,
+                                         args.prompt_format, path=args.ranked)
+        check_model_files(args.model)
+        steps_per_epoch = math.ceil(len(examples) / args.global_batch)
+        total_steps = steps_per_epoch * args.epochs
+        warmup = math.ceil(args.warmup_ratio * total_steps)
+        lrs = check_schedule(args, len(examples), total_steps, warmup)
+        config = dict(vars(args), world_size=world, ranked_sha256=file_sha256(args.ranked),
+                      model_files=path_stamp(args.model))  # a checkpoint resumes only for the same pi_t
+        resume = latest_checkpoint(work_dir / "ckpt")
+        if resume is not None:
+            verify_checkpoint(resume, rank)
+            check_resumable(resume, config)
+    except InputError as e:
+        fail_with(e)
+    prompts_cut = sum(ex["prompt_cut"] for ex in examples)
+    if rank == 0 and n_cut:
+        print(f"warning: {n_cut} responses cut to --max_length {args.max_length} (their end tokens are not trained on)")
+    if rank == 0 and prompts_cut:
+        print(f"warning: {prompts_cut} prompts cut to their last --max_prompt_length {args.max_prompt_length} tokens")
+    if rank == 0 and total_steps < FEW_STEPS:
+        print(f"warning: {len(examples)} examples make {total_steps} optimizer step{'s' * (total_steps > 1)}, at lr "
+              + ", ".join(f"{lr:.3g}" for lr in lrs))
+    return tokenizer, examples, n_cut, config, resume, (steps_per_epoch, total_steps, warmup)
 
 
 def reference_pass(run):
@@ -358,32 +369,6 @@ class NonFiniteError(ArithmeticError):
     """The loss or gradient of a step is NaN or infinite: training stops, nothing is saved."""
 
 
-FEW_STEPS = 10  # fewer optimizer steps than this: train.py says how many, and at which learning rates
-
-
-def check_schedule(args, n_examples, total_steps, warmup):
-    """The learning rate of every optimizer step; refuses a schedule whose steps are all at lr 0
-    (few examples for --global_batch: the one step is warmup's first, at 0), which would return
-    --model unchanged. --lr 0 itself is allowed (a no-op baseline on purpose), with the warning."""
-    lrs = [args.lr * lr_factor(s, warmup, total_steps, args.lr_schedule) for s in range(total_steps)]
-    if args.lr > 0 and max(lrs) == 0:
-        raise InputError(f"--global_batch {args.global_batch}, --warmup_ratio {args.warmup_ratio}: {n_examples} "
-                         f"examples make {total_steps} optimizer step{'s' * (total_steps > 1)}, all at lr 0 (warmup "
-                         "starts at 0): training would return --model unchanged; lower --global_batch or "
-                         "--warmup_ratio, or give more prompts")
-    return lrs
-
-
-def lr_factor(step, warmup_steps, total_steps, schedule="linear"):
-    """The learning rate of optimizer step `step` (0-based) as a fraction of --lr: HF's
-    get_linear_schedule_with_warmup (or get_constant_schedule_with_warmup), as the official
-    trainer: 0 at step 0, linear up to 1 at `warmup_steps`, then linear down to 0 at `total_steps`
-    (or constant)."""
-    if step < warmup_steps:
-        return step / max(1, warmup_steps)
-    if schedule == "constant":
-        return 1.0
-    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
 if __name__ == "__main__":

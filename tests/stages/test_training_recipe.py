@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import train
 from lm import load_model, load_tokenizer, prompt_token_ids, response_token_ids
-from records import write_records
+from records import InputError, write_records
 from train_metrics import step_metrics, step_tokens
 
 WORDS = ["apple", "pear", "plum", "fig", "the", "a", "and", "with", "or", "fruit", "party"]
@@ -202,6 +202,6 @@ def test_resume_checkpoint_loads_without_running_code(tmp_path, tok_model, monke
     step_dir = train.latest_checkpoint(tmp_path)
     assert train.load_checkpoint(step_dir, model, optimizer, scheduler, 0) == 3  # our own files load
     (step_dir / "rng-0.pt").write_bytes(pickle.dumps(Payload()))  # a file someone swapped in
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(InputError, match="damaged checkpoint"):  # refused by torch.load(weights_only=True)
         train.load_checkpoint(step_dir, model, optimizer, scheduler, 0)
     assert "SPPO_PAYLOAD_RAN" not in os.environ

@@ -1,12 +1,15 @@
-"""How train.py cuts its data: each epoch's order, each rank's share of a global batch, micro-batches.
+"""What each optimizer step of train.py sees: its examples and its learning rate.
 
 The order is a function of (seed, epoch) only, so a resumed run meets every batch where it was;
 each rank gets the same number of examples (weight-0 padding), as FSDP needs; micro-batches are
-cut from length-sorted examples, so each is padded to a similar length.
+cut from length-sorted examples, so each is padded to a similar length. The learning rate follows
+HF's schedule, as the official trainer's does.
 """
 import math
 
 import torch
+
+from records import InputError
 
 
 def longest(example):
@@ -45,3 +48,31 @@ def padded_share(indices, rank, world):
     size = math.ceil(len(indices) / world)
     weights = [1.0] * len(share) + [0.0] * (size - len(share))
     return share + [indices[0]] * (size - len(share)), weights
+
+
+def lr_factor(step, warmup_steps, total_steps, schedule="linear"):
+    """The learning rate of optimizer step `step` (0-based) as a fraction of --lr: HF's
+    get_linear_schedule_with_warmup (or get_constant_schedule_with_warmup), as the official
+    trainer: 0 at step 0, linear up to 1 at `warmup_steps`, then linear down to 0 at `total_steps`
+    (or constant)."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    if schedule == "constant":
+        return 1.0
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+FEW_STEPS = 10  # fewer optimizer steps than this: train.py says how many, and at which learning rates
+
+
+def check_schedule(args, n_examples, total_steps, warmup):
+    """The learning rate of every optimizer step; refuses a schedule whose steps are all at lr 0
+    (few examples for --global_batch: the one step is warmup's first, at 0), which would return
+    --model unchanged. --lr 0 itself is allowed (a no-op baseline on purpose), with the warning."""
+    lrs = [args.lr * lr_factor(s, warmup, total_steps, args.lr_schedule) for s in range(total_steps)]
+    if args.lr > 0 and max(lrs) == 0:
+        raise InputError(f"--global_batch {args.global_batch}, --warmup_ratio {args.warmup_ratio}: {n_examples} "
+                         f"examples make {total_steps} optimizer step{'s' * (total_steps > 1)}, all at lr 0 (warmup "
+                         "starts at 0): training would return --model unchanged; lower --global_batch or "
+                         "--warmup_ratio, or give more prompts")
+    return lrs
