@@ -422,7 +422,10 @@ def check_model_path(name, flag="--model"):
 
 def path_stamp(name):
     """A cheap version stamp of a local file or directory: (file, size, mtime) of each of its files;
-    anything else (a hub name) as it is. Keys of reusable work include it."""
+    anything else (a hub name) as it is; nothing ("" or None, not the current directory) as "".
+    Keys of reusable work include it."""
+    if not name:
+        return ""
     path = Path(name)
     if not path.exists():
         return str(name)
@@ -497,6 +500,9 @@ def file_sha256(path) -> str:
 
 def content_stamp(name):
     """What an input holds: the sha256 of a local file, the path_stamp of a directory, else (a hub
-    name) the name. A run directory records it, so a changed file is not mistaken for the old one."""
+    name) the name; nothing ("" or None) as "". A run directory records it, so a changed file is
+    not mistaken for the old one."""
+    if not name:
+        return ""
     path = Path(name)
     return file_sha256(path) if path.is_file() else path_stamp(name)

@@ -160,3 +160,13 @@ def test_ranks_exit_when_their_launcher_is_killed(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert out.read_bytes() == one.read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calls.txt", "one.jsonl", "ranked.jsonl", "responses.jsonl"]
+
+
+def test_an_absent_input_is_stamped_as_nothing_not_as_the_current_directory(tmp_path, monkeypatch):
+    """A run's or a shard's key stamps its inputs; an input not given ("" or None) is nothing, not
+    Path("") = the current directory with every file below it."""
+    from records import content_stamp
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "big.bin").write_bytes(b"x")
+    assert path_stamp("") == content_stamp("") == content_stamp(None) == ""
+    assert path_stamp(".") != ""  # the current directory, named, is still stamped
