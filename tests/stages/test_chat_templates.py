@@ -2,6 +2,8 @@
 the prompt text PairRM reads in the official pipeline. Tokenizers built here mimic Llama-3,
 Mistral and Gemma (special tokens and documented turn formats; templates written here); the real
 Gemma-3 tokenizer is checked too when the real-LM package is installed."""
+import copy
+
 import pytest
 import torch
 
@@ -146,7 +148,7 @@ def test_real_gemma3_tokenizer(gemma_dir):
     """The real Gemma-3 tokenizer (google/gemma-3-270m, the base model: no chat template of its
     own) with the Gemma turn format written above: a response ends with <end_of_turn> (id 106),
     not <eos> (id 1); one <bos>; generation stops there; PairRM's text as the official code's."""
-    tok = load_tokenizer(gemma_dir)
+    tok = copy.deepcopy(load_tokenizer(gemma_dir))  # a copy: the loaded one is shared in this process, not to be changed
     assert tok.chat_template is None and tok.eos_token == "<eos>"
     assert response_end_ids(tok) == [tok.eos_token_id]  # a base model without a template: its EOS
     tok.chat_template = GEMMA_TEMPLATE

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import train
 from lm import load_model, load_tokenizer, prompt_token_ids, response_token_ids
-from records import write_records
+from records import InputError, write_records
 
 WORDS = ["apple", "pear", "plum", "fig", "the", "a", "and", "with", "or", "fruit", "party"]
 
@@ -200,6 +200,7 @@ def test_resume_checkpoint_loads_without_running_code(tmp_path, tok_model, monke
     step_dir = train.latest_checkpoint(tmp_path)
     assert train.load_checkpoint(step_dir, model, optimizer, scheduler, 0) == 3  # our own files load
     (step_dir / "rng-0.pt").write_bytes(pickle.dumps(Payload()))  # a file someone swapped in
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(InputError, match="damaged checkpoint") as refused:  # refused, as unpickling failed
         train.load_checkpoint(step_dir, model, optimizer, scheduler, 0)
+    assert isinstance(refused.value.__cause__, pickle.UnpicklingError)
     assert "SPPO_PAYLOAD_RAN" not in os.environ
