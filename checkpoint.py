@@ -76,11 +76,14 @@ def save_checkpoint(ckpt_dir: Path, step, model, optimizer, scheduler, config, r
 
 def file_owner(name, world):
     """The rank that records file `name` of a checkpoint in its manifest: DCP's __R_N.distcp and
-    rng-R.pt are rank R's; the rest (.metadata, train_state.pt, config.json) rank 0's."""
+    rng-R.pt are rank R's; the rest (.metadata, train_state.pt, config.json) rank 0's; the manifests
+    and the temporaries of files being written (another rank's manifest) nobody's."""
+    if name.startswith("manifest-") or (name.startswith(".") and name != ".metadata"):
+        return None
     for prefix in ("__", "rng-"):
         if name.startswith(prefix) and name[len(prefix):].split("_")[0].split(".")[0].isdigit():
             return int(name[len(prefix):].split("_")[0].split(".")[0]) % world
-    return None if name.startswith("manifest-") else 0
+    return 0
 
 
 def verify_checkpoint(path: Path, rank):

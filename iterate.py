@@ -35,7 +35,7 @@ from flags import iterate_args, stage_argv
 from launch import launcher, log_time, run_stage, stages_in_process
 from lm import check_model_files, checked_prompt_ids, load_tokenizer, model_context, prompt_text
 from records import (InputError, atomic_write, cache_root, check_model_path, check_not_input, check_output,
-                     check_work_dir, content_stamp, exclusive_lock, fail_with, load_prompts, make_work_dir,
+                     check_work_dir, content_stamp, exclusive_lock, fail_with, load_prompts, looks_like_path, make_work_dir,
                      one_line_errors, path_stamp, read_records, run_info, write_json, write_records)
 
 HERE = Path(__file__).resolve().parent
@@ -135,6 +135,8 @@ def check_inputs(args, config):
     try:
         check_run_dir(run_dir)
         judge_factory(args.judge)  # a module:factory judge that does not import fails now, not after generate
+        if args.judge_path and not Path(args.judge_path).exists() and looks_like_path(args.judge_path):
+            raise InputError(f"--judge_path {args.judge_path}: not found")
         check_model_path(args.model)
         check_model_files(args.model)
         slices = prompt_slices(args)

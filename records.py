@@ -128,6 +128,10 @@ def _check_record(rec, path, line_no, stage, K):
     problem = preference_matrix_problem(P)
     if problem:
         _fail(path, line_no, "P", problem)
+    scores = rec.get("scores")
+    if scores is not None and not (isinstance(scores, list) and len(scores) == K and all(
+            isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores)):
+        _fail(path, line_no, "scores", f"expected a list of K={K} numbers")
     win = rec.get("win_rate")
     if not (isinstance(win, list) and len(win) == K and all(
             isinstance(w, (int, float)) and not isinstance(w, bool) and 0.0 <= w <= 1.0 for w in win)):
@@ -218,8 +222,7 @@ def load_prompts(source, split="train", column="prompt"):
     of chat messages) and the id from "id" or "prompt_id" when present, else "<source>-<row>".
     """
     path = Path(source)
-    if not path.exists() and (str(source).startswith((".", "/", "~")) or str(source).count("/") > 1
-                              or path.suffix in (".json", ".jsonl", ".parquet", ".csv", ".arrow")):
+    if not path.exists() and looks_like_path(source):
         raise InputError(f"{source}: file not found")
     if path.is_file() and path.suffix == ".json":
         return read_json_prompts(path, column)
@@ -416,8 +419,15 @@ def check_model_path(name, flag="--model"):
             raise InputError(f"{flag} {name}: not a directory")
         if not (path / "config.json").is_file():
             raise InputError(f"{flag} {name}: no config.json in it: not a model directory")
-    elif str(name).startswith((".", "/", "~")) or str(name).count("/") > 1:
+    elif looks_like_path(name):
         raise InputError(f"{flag} {name}: directory not found")
+
+
+def looks_like_path(name) -> bool:
+    """A name meant as a local file or directory, not a hub name ("org/name"): it starts with . / ~,
+    has more than one /, or ends in a data file's suffix."""
+    return (str(name).startswith((".", "/", "~")) or str(name).count("/") > 1
+            or Path(name).suffix in (".json", ".jsonl", ".parquet", ".csv", ".arrow"))
 
 
 def path_stamp(name):
@@ -430,7 +440,7 @@ def path_stamp(name):
     if not path.exists():
         return str(name)
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]  # lists: as JSON reads them
 
 
 def check_not_input(out, inputs, flag="--out"):
@@ -466,14 +476,16 @@ def make_work_dir(path, owner):
 
 
 def check_work_dir(path, owner, flag="--out"):
-    """A work directory that exists must be one a stage made (it holds WORK_MARK) or be empty:
-    a user's directory of the same name is refused, never emptied."""
+    """A work directory that exists must be one a stage made (it holds WORK_MARK) or be empty (but
+    for the marker's temporary: a stage killed between the mkdir and the marker): a user's directory
+    of the same name is refused, never emptied."""
     path = Path(path)
     if not path.exists():
         return
     if not path.is_dir():
         raise InputError(f"{path}: exists and is not a directory; move it away or give another {flag}")
-    if any(path.iterdir()) and not (path / WORK_MARK).exists():
+    held = [p for p in path.iterdir() if not p.name.startswith(f".{WORK_MARK}.tmp")]
+    if held and not (path / WORK_MARK).exists():
         raise InputError(f"{path}: exists and was not made by {owner} (no {WORK_MARK} in it); refusing to "
                          f"delete it: move it away or give another {flag}")
 

@@ -26,6 +26,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from checkpoint import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
@@ -220,7 +221,7 @@ def check_inputs(args, rank, world):
         print(f"warning: {n_cut} responses cut to --max_length {args.max_length} (their end tokens are not trained on)")
     if rank == 0 and prompts_cut:
         print(f"warning: {prompts_cut} prompts cut to their last --max_prompt_length {args.max_prompt_length} tokens")
-    if rank == 0 and total_steps < FEW_STEPS:
+    if rank == 0 and (total_steps < FEW_STEPS or max(lrs) == 0):
         print(f"warning: {len(examples)} examples make {total_steps} optimizer step{'s' * (total_steps > 1)}, at lr "
               + ", ".join(f"{lr:.3g}" for lr in lrs))
     return tokenizer, examples, n_cut, config, resume, (steps_per_epoch, total_steps, warmup)
@@ -317,8 +318,13 @@ def save(run):
     if run.master:
         final = run.work_dir / "model"
         shutil.rmtree(final, ignore_errors=True)
-        model.save_pretrained(final, state_dict=state)
-        run.tokenizer.save_pretrained(final)
+        try:
+            model.save_pretrained(final, state_dict=state)
+            run.tokenizer.save_pretrained(final)
+        except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error, not an OSError
+            shutil.rmtree(final, ignore_errors=True)
+            raise InputError(f"{final}: cannot write the model ({str(e).strip().splitlines()[0]}); nothing was put "
+                             f"in place at {run.out}: free space and run the same command again") from e
         shutil.copy(run.work_dir / "metrics.jsonl", final / "metrics.jsonl")
         write_json(final / "train_info.json", dict(run_info(run.config), examples=len(run.examples), steps=run.total_steps,
                                                    resumed_from_step=run.start_step, responses_cut=run.n_cut,

@@ -404,13 +404,13 @@ def main(argv=None):
         if not args.aggregate_only:
             for cell in todo:  # a bad flag, value or choice anywhere in the grid: one line now (exit 2), no cell run
                 iterate_args(cell["args"])
+            check_finished(todo, out)
             check_sweep_dir(out, grid, combos, args.iterate_args)
             for arg in args.iterate_args:  # the cells' inputs (the paths after --) are not to be written over
                 if "/" in arg or Path(arg).suffix:
                     check_not_input(out, {"an argument after --": arg}, "--out")
             if (out / "sweep.json").exists():  # the same sweep with more seeds: the record keeps them all
                 seeds = list(dict.fromkeys(read_sweep_record(out)[1] + seeds))
-            check_finished(todo, out)
             with sweep_lock(out):
                 # the grid as [flag, values] pairs: write_json sorts an object's keys, and the order names the cells
                 write_json(out / "sweep.json", {"grid": list(grid.items()), "seeds": seeds,

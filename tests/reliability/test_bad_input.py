@@ -53,6 +53,7 @@ CASES = [
     ("file-blank-lines", "generate", "\n  \n\n", [], "in.jsonl: no records"),
     ("prompt-longer-than-context", "generate", jl(PROMPT, "", dict(PROMPT, id="b", prompt=LONG)), [],
      "in.jsonl:3: field 'prompt': "),
+    ("ranked-scores-wrong-length", "train", jl(dict(RANKED, scores=[1.0, 2.0, 3.0])), [], "in.jsonl:1: field 'scores'"),
     # ---- file content: responses (rank.py) ----
     ("responses-missing", "rank", jl(RESP, PROMPT), [], "in.jsonl:2: field 'responses': missing"),
     ("responses-not-strings", "rank", jl(dict(RESP, responses=[1, 2])), [], "in.jsonl:1: field 'responses'"),

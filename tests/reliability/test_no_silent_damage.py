@@ -44,7 +44,7 @@ def test_train_replaces_its_own_output_only(tmp_path, toy_world):
     src, out = tmp_path / "ranked.jsonl", tmp_path / "model"
     write_records(src, ranked(2))
     args = [str(a) for a in ["--model", toy_world["model"], "--ranked", src, "--out", out, "--epochs", "1",
-                             "--global_batch", "2", "--lr", "1e-4", "--eta", "10"]]
+                             "--global_batch", "1", "--lr", "1e-4", "--eta", "10"]]  # 2 steps: one at lr 0
     train.main(args)
     (out / "extra.txt").write_text("made by train's earlier run's user\n")
     train.main(args)  # a directory train.py wrote (train_info.json) is replaced

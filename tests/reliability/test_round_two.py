@@ -59,9 +59,12 @@ def cli(*args, env=None, timeout=900):
 
 
 def popen(args, log, env=None):
+    """A stage in a session of its own; SIGINT handled as from a terminal (a runner started in the
+    background, as a shell starts it, would pass on an ignored SIGINT)."""
     argv = [sys.executable, str(ROOT / args[0])] + [str(a) for a in args[1:]]
     return subprocess.Popen(argv, cwd=ROOT, env=dict(ENV, **(env or {})), stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for(pred, proc, timeout=300):
@@ -239,7 +242,8 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, toy_world, stage
     assert proc.returncode == 2 and "--model" in log and "Traceback" not in log, log[-3000:]
 
 
-@pytest.mark.parametrize("damage", ["tensor-bytes-flipped", "tensor-file-truncated", "train_state-missing"])
+@pytest.mark.parametrize("damage", ["tensor-bytes-flipped", "tensor-file-truncated", "train_state-missing",
+                                    "config-garbage"])
 def test_damaged_checkpoint_is_one_clear_error(tmp_path, toy_world, staged, damage):
     args, ckpt = killed_with_checkpoint(tmp_path, toy_world["model"], staged / "k.jsonl")
     tensors = max(ckpt.glob("*.distcp"), key=lambda p: p.stat().st_size)
@@ -250,11 +254,31 @@ def test_damaged_checkpoint_is_one_clear_error(tmp_path, toy_world, staged, dama
         tensors.write_bytes(bytes(data))
     elif damage == "tensor-file-truncated":
         tensors.write_bytes(tensors.read_bytes()[:1000])
-    else:
+    elif damage == "train_state-missing":
         (ckpt / "train_state.pt").unlink()
+    else:
+        (ckpt / "config.json").write_text("{garbage")
     p = cli(*args, timeout=600)
     one_error(p, f"damaged checkpoint at {ckpt}", "delete it to start over")
     assert "--lr" not in p.stderr and "--eta" not in p.stderr
+
+
+@pytest.mark.parametrize("case", ["holds-a-users-config.json", "is-the-model-dir"])
+def test_iterate_refuses_a_run_dir_that_is_not_its_own(tmp_path, toy_world, case):
+    """A user's directory as --run_dir: its config.json was read (a KeyError traceback) or replaced;
+    --run_dir = --model wrote the run into the model's directory."""
+    model = tmp_path / "model"
+    shutil.copytree(toy_world["model"], model)
+    if case == "holds-a-users-config.json":
+        run_dir, guarded = tmp_path / "run", tmp_path / "run"
+        run_dir.mkdir()
+        (run_dir / "config.json").write_text('{"mine": 1}\n')
+    else:
+        run_dir, guarded = model, model
+    before = sha(guarded)
+    p = cli(*iterate_args(toy_world, tmp_path, "--model", model, run_dir=run_dir))
+    one_error(p, "--run_dir")
+    assert sha(guarded) == before
 
 
 # ---- 5. iterate.py: the run directory's record covers the content of its inputs ------------------------
@@ -338,12 +362,13 @@ def test_training_without_a_nonzero_lr_step_is_not_silent(tmp_path, toy_world, s
 # ---- 8. every check before anything is written; an unfinished run dir takes new settings ---------------
 @pytest.mark.parametrize("bad,good", [(["--K", "1"], ["--K", "2"]),
                                       (["--eval_max", "0"], ["--eval_max", "2"]),
-                                      (["--eval_max_new_tokens", "500"], ["--eval_max_new_tokens", "8"])],
-                         ids=["K-1", "eval_max-0", "eval_max_new_tokens-past-context"])
+                                      (["--eval_max_new_tokens", "500"], ["--eval_max_new_tokens", "8"]),
+                                      (["--judge_path", "nope.json"], [])],
+                         ids=["K-1", "eval_max-0", "eval_max_new_tokens-past-context", "judge_path-missing"])
 def test_late_check_does_not_poison_the_run_dir(tmp_path, toy_world, bad, good):
     ev = tmp_path / "eval.jsonl"
     ev.write_text(prompts(toy_world, 2, start=200))
-    extra = [] if bad[0] == "--K" else ["--eval_prompts", ev]
+    extra = [] if bad[0] in ("--K", "--judge_path") else ["--eval_prompts", ev]
     first = cli(*iterate_args(toy_world, tmp_path, *extra, *bad))
     one_error(first, bad[0])
     run_dir = tmp_path / "run"

@@ -202,6 +202,7 @@ def test_resume_checkpoint_loads_without_running_code(tmp_path, tok_model, monke
     step_dir = train.latest_checkpoint(tmp_path)
     assert train.load_checkpoint(step_dir, model, optimizer, scheduler, 0) == 3  # our own files load
     (step_dir / "rng-0.pt").write_bytes(pickle.dumps(Payload()))  # a file someone swapped in
-    with pytest.raises(InputError, match="damaged checkpoint"):  # refused by torch.load(weights_only=True)
+    with pytest.raises(InputError, match="damaged checkpoint") as refused:  # refused, as unpickling failed
         train.load_checkpoint(step_dir, model, optimizer, scheduler, 0)
+    assert isinstance(refused.value.__cause__, pickle.UnpicklingError)
     assert "SPPO_PAYLOAD_RAN" not in os.environ

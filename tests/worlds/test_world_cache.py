@@ -128,7 +128,7 @@ def test_runs_reuse_a_built_world(tmp_path, toy_world):
     for run in ("a", "b"):
         res = subprocess.run([sys.executable, "iterate.py", "--world_dir", str(world_dir), "--run_dir", str(tmp_path / run),
                               "--iterations", "1", "--prompts_per_iteration", "4", "--K", "2", "--epochs", "1",
-                              "--global_batch", "4"], cwd=ROOT, capture_output=True, text=True, timeout=1800)
+                              "--global_batch", "2"], cwd=ROOT, capture_output=True, text=True, timeout=1800)
         assert res.returncode == 0, res.stderr[-3000:]
         config = json.loads((tmp_path / run / "config.json").read_text())["config"]
         assert config["model"] == str(toy_world["model"]) and config["world_dir"] == str(world_dir)
