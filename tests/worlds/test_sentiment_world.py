@@ -92,13 +92,13 @@ def test_bad_gguf_is_refused_and_nothing_is_written(tmp_path):
         partial.write_bytes(f.read(1 << 20))
     out = tmp_path / "cache" / "model"
     with pytest.raises(InputError, match="sha256.*corrupt or partial"):
-        gemma.convert(partial, out, package.EXPECTED_SHA256)
+        gemma.convert(partial, out, package.EXPECTED_SHA256, gemma.PACKAGES)
     assert not out.exists() and (not out.parent.exists() or not any(out.parent.iterdir()))
 
 
 def test_missing_package_says_how_to_install():
     with pytest.raises(InputError, match="pip install"):
-        gemma.require("no_such_module_for_sppo")
+        gemma.require("no_such_module_for_sppo", install=gemma.PACKAGES)
 
 
 def test_smoke_one_iteration_on_the_real_model(tmp_path, gemma_dir):
