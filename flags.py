@@ -38,10 +38,10 @@ positive_float = _number_type(float, lambda v: v > 0, "a finite number > 0")
 nonneg_float = _number_type(float, lambda v: v >= 0, "a finite number >= 0")
 probability = _number_type(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 fraction = _number_type(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
-# seeds torch.manual_seed takes: train.py seeds its data order with seed * 100003 + epoch (< 2**64),
+# seeds torch.manual_seed takes (-2**63 .. 2**64): train.py seeds its data order with seed * 100003 + epoch,
 # and iterate.py gives generate.py seed * 1000 + t
-stage_seed = _number_type(int, lambda v: 0 <= v < 2**47, "an integer in [0, 2**47)")
-run_seed = _number_type(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)")
+stage_seed = _number_type(int, lambda v: abs(v) < 2**46, "an integer of magnitude < 2**46")
+run_seed = _number_type(int, lambda v: abs(v) < 2**32, "an integer of magnitude < 2**32")
 
 
 class Parser(argparse.ArgumentParser):

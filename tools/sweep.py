@@ -124,7 +124,7 @@ def parse_seeds(text):
     try:
         seeds = [run_seed(s) for s in text.split(",")]
     except argparse.ArgumentTypeError:
-        raise InputError(f"--seeds {text!r}: expected integers in [0, 2**32) separated by commas, e.g. 0,1,2") from None
+        raise InputError(f"--seeds {text!r}: expected integers of magnitude < 2**32 separated by commas, e.g. 0,1,2") from None
     if len(set(seeds)) < len(seeds):
         raise InputError(f"--seeds {text!r}: a seed is repeated")
     return seeds
