@@ -38,7 +38,8 @@ from records import (InputError, check_model_path, check_not_input, check_output
                      file_sha256, make_work_dir, one_line_errors, path_stamp, read_records, record_line, run_info,
                      write_json)
 from sppo_loss import preference_loss, responses_used
-from train_steps import FEW_STEPS, check_schedule, data_order, longest, lr_factor, micro_batches_of, padded_share
+from train_steps import (FEW_STEPS, NonFiniteError, check_schedule, data_order, longest, lr_factor, micro_batches_of,
+                         optimizer_step, padded_share)
 from train_metrics import (STEP_STATS, flops_per_token_terms, metrics_log, peak_tflops, progress_postfix, step_metrics,
                            step_tokens)
 
@@ -337,7 +338,7 @@ def save(run):
         dist.destroy_process_group()
 
 
-# ---- the reference pass's batches, the optimizer step, the schedule ---------------------------------------------------------------
+# ---- the reference pass, in length-sorted micro-batches ---------------------------------------
 
 
 @torch.no_grad()
@@ -352,29 +353,6 @@ def reference_logps(model, examples, indices, micro_batch, pad_id, device, progr
         rows = order[s:s + micro_batch]
         out[rows] = batch_logps(model, [examples[indices[n]] for n in rows], pad_id, device).float().cpu()
     return out
-
-
-def optimizer_step(model, optimizer, scheduler, grad_clip):
-    """Clip, step, zero the gradients, advance the schedule -> (grad norm before clipping, lr used).
-
-    A non-finite gradient (a NaN or an overflow anywhere in the loss) stops training before the
-    step can write NaN into the parameters; the norm is global, so every rank stops alike.
-    """
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor under FSDP2
-    if not torch.isfinite(grad_norm):
-        raise NonFiniteError(f"gradient norm {grad_norm.item()}")
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    lr = scheduler.get_last_lr()[0]
-    scheduler.step()
-    return grad_norm.item(), lr
-
-
-class NonFiniteError(ArithmeticError):
-    """The loss or gradient of a step is NaN or infinite: training stops, nothing is saved."""
-
-
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 The order is a function of (seed, epoch) only, so a resumed run meets every batch where it was;
 each rank gets the same number of examples (weight-0 padding), as FSDP needs; micro-batches are
 cut from length-sorted examples, so each is padded to a similar length. The learning rate follows
-HF's schedule, as the official trainer's does.
+HF's schedule, as the official trainer's does; the step itself clips, stops on a non-finite
+gradient, steps the optimizer and the schedule.
 """
 import math
 
@@ -76,3 +77,24 @@ def check_schedule(args, n_examples, total_steps, warmup):
                          "starts at 0): training would return --model unchanged; lower --global_batch or "
                          "--warmup_ratio, or give more prompts")
     return lrs
+
+
+def optimizer_step(model, optimizer, scheduler, grad_clip):
+    """Clip, step, zero the gradients, advance the schedule -> (grad norm before clipping, lr used).
+
+    A non-finite gradient (a NaN or an overflow anywhere in the loss) stops training before the
+    step can write NaN into the parameters; the norm is global, so every rank stops alike.
+    """
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor under FSDP2
+    if not torch.isfinite(grad_norm):
+        raise NonFiniteError(f"gradient norm {grad_norm.item()}")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    lr = scheduler.get_last_lr()[0]
+    scheduler.step()
+    return grad_norm.item(), lr
+
+
+class NonFiniteError(ArithmeticError):
+    """The loss or gradient of a step is NaN or infinite: training stops, nothing is saved."""
