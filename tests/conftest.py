@@ -13,9 +13,9 @@ sys.path.insert(0, str(ROOT / "tests" / "fixtures"))  # tiny_models (judges by m
 
 import pytest  # noqa: E402
 
-# tests/vllm needs the vLLM engine, installed in .venv-vllm: the main environment's run starts it
-# there (tests/stages/test_vllm_backend.py) instead of collecting it here
-collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm"]
+# tests/vllm_engine needs the vLLM engine, installed in .venv-vllm: the main environment's run starts
+# it there (tests/stages/test_vllm_backend.py) instead of collecting it here
+collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm_engine"]
 
 
 @pytest.fixture(scope="session")

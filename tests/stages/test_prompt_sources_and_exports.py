@@ -52,7 +52,7 @@ def test_chat_format_prompt_goes_through_the_template(toy_world):
 
 def fake_vllm(calls, finish=("stop", "length")):
     """A stand-in for the `vllm` module that records what our code passes (vllm 0.33.0 API); the
-    real engine's own tests are in tests/vllm."""
+    real engine's own tests are in tests/vllm_engine."""
     mod = types.ModuleType("vllm")
 
     class SamplingParams:
