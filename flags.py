@@ -279,8 +279,9 @@ def iterate_parser(description=None):
                     help="processes per stage, e.g. one per GPU; > 1: each stage runs under torchrun")
     ap.add_argument("--in_process", action=argparse.BooleanOptionalAction, default=None,
                     help="run each stage's main() in this process, not a process of its own (default: so with one "
-                         "process and no GPU, where it saves each stage's imports; apart on GPUs, so "
-                         "that vLLM's and training's memory are freed between stages, and under torchrun)")
+                         "process and no GPU, where it saves each stage's imports and keeps one vLLM engine for the "
+                         "whole run, its weights reloaded for each policy; apart on GPUs, so that vLLM's and "
+                         "training's memory are freed between stages, and under torchrun)")
     ap.add_argument("--dry-run", dest="dry_run", action="store_true", help="print config and commands only")
     add_stage_flags(ap)
     return ap
@@ -298,8 +299,8 @@ def iterate_args(argv=None, description=None):
         ap.error(f"--preset {args.preset} needs --model (only {', '.join(WORLDS)} bring their own)")
     if args.model is not None and not (args.prompts and args.judge):
         ap.error("with --model, give --prompts and --judge too")
-    if args.in_process and (args.nproc_per_node > 1 or args.backend == "vllm"):
-        ap.error("--in_process needs --nproc_per_node 1 and --backend hf")
+    if args.in_process and args.nproc_per_node > 1:
+        ap.error("--in_process needs --nproc_per_node 1")
     if args.model is not None and args.world_dir:
         ap.error("--world_dir is for the built-in worlds (no --model)")
     if args.K < 2:

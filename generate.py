@@ -96,6 +96,39 @@ def generate_responses(model, tokenizer, records, K, temperature=1.0, top_p=1.0,
     return [results[i] for i in range(len(records))]
 
 
+def sample_responses(model_dir, records, K, backend="hf", engine=None, dtype="auto", device="cpu", batch_size=16,
+                     desc="generate", prompt_format="auto", **decoding):
+    """K responses per record from the model in model_dir, by HF's generate (the model loaded for
+    the call) or by vLLM (engine: engine_kwargs(...); the engine this process keeps, its weights
+    reloaded, when it can: vllm_backend.start_engine). decoding: temperature, top_p, top_k,
+    max_new_tokens, seed."""
+    tokenizer = load_tokenizer(model_dir)
+    if backend == "vllm":
+        return generate_responses_vllm(start_engine(**engine), model_dir, tokenizer, records, K,
+                                       prompt_format=prompt_format, **decoding)
+    dtype = {"auto": torch.bfloat16 if device != "cpu" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    model = load_model(model_dir, dtype=dtype, device=device).eval()
+    return generate_responses(model, tokenizer, records, K, batch_size=batch_size, desc=desc,
+                              prompt_format=prompt_format, **decoding)
+
+
+def sampler(backend="hf", dtype="auto", kv_cache_gib=None, enforce_eager=False):
+    """sample(model_dir, records, K, batch_size=16, desc=..., **decoding), as sample_responses with this
+    backend on this process's device: how code outside this stage (a world's evaluation) samples with
+    a run's --backend."""
+    def sample(model_dir, records, K, batch_size=16, desc="generate", **decoding):
+        engine = None
+        if backend == "vllm":
+            prepare_vllm_process(0, 1, 1)
+            tokenizer = load_tokenizer(model_dir)
+            longest = max(len(prompt_token_ids(tokenizer, r["prompt"])) for r in records) + decoding.get("max_new_tokens", 128)
+            engine = engine_kwargs(model_dir, longest, dtype, kv_cache_gib, enforce_eager)
+        device = "cuda" if backend == "hf" and torch.cuda.is_available() else "cpu"
+        return sample_responses(model_dir, records, K, backend, engine, dtype, device, batch_size, desc, **decoding)
+    return sample
+
+
 def main(argv=None):
     args = generate_parser(__doc__).parse_args(argv)  # the flags: flags.py
     watch_launcher()
@@ -121,22 +154,13 @@ def main(argv=None):
                                    args.kv_cache_gib, args.enforce_eager, args.seed, args.tensor_parallel_size)
     except InputError as e:
         fail_with(e)
-    if args.backend == "hf":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-        dtype = {"auto": torch.bfloat16 if device != "cpu" else torch.float32,
-                 "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    device = f"cuda:{local_rank}" if args.backend == "hf" and torch.cuda.is_available() else "cpu"
 
     def work(shard):  # the model is loaded only by a rank that has work left
-        tokenizer = load_tokenizer(args.model)
-        if args.backend == "vllm":
-            return generate_responses_vllm(start_engine(**engine), args.model, tokenizer, shard, args.K,
-                                           args.temperature, args.top_p, args.top_k, args.max_new_tokens, args.seed,
-                                           args.prompt_format)
-        model = load_model(args.model, dtype=dtype, device=device).eval()
-        return generate_responses(model, tokenizer, shard, args.K, args.temperature, args.top_p, args.top_k,
-                                  args.max_new_tokens, args.seed, args.batch_size,
-                                  desc="generate" if world == 1 else f"generate rank {rank}/{world}",
-                                  prompt_format=args.prompt_format)
+        return sample_responses(args.model, shard, args.K, args.backend, engine if args.backend == "vllm" else None,
+                                args.dtype, device, args.batch_size, "generate" if world == 1 else f"generate rank {rank}/{world}",
+                                args.prompt_format, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                max_new_tokens=args.max_new_tokens, seed=args.seed)
     run_sharded(records, args.out, work, config=dict(vars(args), model=path_stamp(args.model)))
     if rank == 0:
         write_json(f"{args.out}.info.json", dict(run_info(vars(args)), world_size=world))

@@ -214,8 +214,13 @@ def report(args, world, stage, models, timings):
         if not args.dry_run:
             export_alpaca_eval(ranked, it / f"model_outputs_best_of_{n}.json", f"{run_dir.name}-iter{t}-best-of-{n}")
     if world is not None and not args.dry_run:
+        from generate import sampler
+        from vllm_backend import close_engine
         t0 = time.time()
-        rows = world["module"].evaluate(models, world, run_dir)
+        rows = world["module"].evaluate(models, world, run_dir, final=t == args.iterations,  # samples with --backend
+                                        sample=sampler(args.backend, args.dtype, args.kv_cache_gib, args.enforce_eager))
+        if not args.in_process:  # the stages start engines of their own: this one would take their cores and memory
+            close_engine()
         print("\nevaluation on the held-out prompts:\n" + world["module"].format_table(rows), flush=True)
         write_json(run_dir / "eval.json", rows)
         if t == args.iterations:  # the plot once, at the end

@@ -207,4 +207,4 @@ def stages_in_process(args):
     if args.in_process is not None:
         return args.in_process
     import torch
-    return args.nproc_per_node == 1 and args.backend == "hf" and not torch.cuda.is_available()
+    return args.nproc_per_node == 1 and not torch.cuda.is_available()

@@ -16,16 +16,21 @@ relies on in vLLM (0.32 / 0.33), and what follows:
 - A stop token ends a request before the length check, and whether its text is in the output
   depends on its being special: responses are decoded here from the token ids, up to the first
   stop token, as the HF backend does; `truncated` is "no stop token within max_new_tokens".
+- On a CPU a seeded request whose prompt is split over two engine steps (chunked prefill, when a
+  step's token budget runs out) crashes the engine ("CPU Generator does not use offset": the
+  sampler rewinds the discarded draw, which only CUDA generators can): on a CPU prompts are
+  never split, and a step takes at least one whole sequence.
 - VLLM_CPU_OMP_THREADS_BIND=auto gives each engine one core fewer than it has (the scheduler's):
   one thread of two on a 2-core machine. Each rank binds its own share of the cores instead.
 """
 import os
 from importlib import metadata
 
-from lm import prompt_token_ids, row_seed, stop_token_ids
+from lm import model_context, prompt_token_ids, row_seed, stop_token_ids
 from records import InputError
 
 GiB = 1 << 30
+KEPT_LENGTH = 2048  # an engine's max_model_len at least (see engine_kwargs)
 CPU_KV_CACHE_GIB = 4.0  # the KV cache on a CPU unless --kv_cache_gib: at most this, at most 1/4 of the free RAM
 
 
@@ -75,8 +80,8 @@ def engine_kwargs(model_dir, longest_sequence, dtype="auto", kv_cache_gib=None, 
                   tensor_parallel_size=1, cpu=None):
     """The engine's arguments (vllm.LLM), checked before it starts; bad values raise InputError.
 
-    longest_sequence: the longest prompt + max_new_tokens, the engine's max_model_len: the KV
-    cache must hold one such sequence at least.
+    longest_sequence: the longest prompt + max_new_tokens: the KV cache must hold one such sequence
+    at least. The engine's max_model_len is that, or KEPT_LENGTH where the context and cache allow.
     """
     import torch
     cpu = on_cpu() if cpu is None else cpu
@@ -89,7 +94,8 @@ def engine_kwargs(model_dir, longest_sequence, dtype="auto", kv_cache_gib=None, 
                              f"{', '.join(str(d).replace('torch.', '') for d in current_platform.supported_dtypes)})")
         if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):  # vLLM lets it win over the size given here
             raise InputError("VLLM_CPU_KVCACHE_SPACE is set: unset it and give --kv_cache_gib")
-    need = kv_bytes_per_token(model_dir, 4 if dtype == "float32" else 2) * longest_sequence
+    per_token = kv_bytes_per_token(model_dir, 4 if dtype == "float32" else 2)
+    need = per_token * longest_sequence
     free = available_memory()
     if kv_cache_gib is not None:
         kv_bytes = int(kv_cache_gib * GiB)
@@ -103,9 +109,14 @@ def engine_kwargs(model_dir, longest_sequence, dtype="auto", kv_cache_gib=None, 
                          f"prompt + --max_new_tokens) needs {need / GiB:.3g} GiB in {dtype}")
     if kv_bytes is not None and cpu and free is not None and kv_bytes > free:
         raise InputError(f"--kv_cache_gib {kv_bytes / GiB:.3g}: only {free / GiB:.3g} GiB of RAM are free")
+    # room for sequences up to KEPT_LENGTH (within the context and the cache): a kept engine then serves
+    # the next call too (other prompts, other max_new_tokens) without a restart
+    roomy = min(KEPT_LENGTH, model_context(model_dir) or KEPT_LENGTH, kv_bytes // per_token if kv_bytes else KEPT_LENGTH)
+    max_model_len = max(int(longest_sequence), roomy)
+    unsplit_prompts = dict(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 4096)) if cpu else {}
     return dict(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=seed,
-                tensor_parallel_size=tensor_parallel_size, trust_remote_code=False, max_model_len=int(longest_sequence),
-                kv_cache_memory_bytes=kv_bytes, enforce_eager=enforce_eager)
+                tensor_parallel_size=tensor_parallel_size, trust_remote_code=False, max_model_len=max_model_len,
+                kv_cache_memory_bytes=kv_bytes, enforce_eager=enforce_eager, **unsplit_prompts)
 
 
 def kv_bytes_per_token(model_dir, dtype_bytes):
@@ -127,9 +138,59 @@ def available_memory():
         return None
 
 
+# The engine this process keeps for its next call (iterate.py runs its stages in one process on a
+# CPU): starting one costs 30-100 s there, reloading weights into it 1-3 s.
+KEPT = {}  # {"kwargs": the arguments it started with, "engine": the vllm.LLM}
+# config.json fields that do not change the network: a trained checkpoint differs from its base in them
+NOT_ARCHITECTURE = ("_name_or_path", "transformers_version", "use_cache", "torch_dtype", "dtype")
+
+
 def start_engine(**kwargs):
+    """A vLLM engine for engine_kwargs(...). The one this process started before is reused when only
+    the model directory (a checkpoint of the same architecture: the next policy), the engine seed
+    (unused: every request has its own), the cache size (the default follows the free memory) or a
+    shorter max_model_len differ: the new weights are loaded
+    into it and its prefix cache is emptied (the keys and values it holds are the old model's)."""
+    kept = KEPT.get("kwargs")
+    if kept is not None and reusable(kept, kwargs):
+        engine = KEPT["engine"]
+        engine.collective_rpc("reload_weights", kwargs=dict(weights_path=kwargs["model"]))
+        engine.reset_prefix_cache()
+        KEPT["kwargs"] = dict(kwargs, max_model_len=kept["max_model_len"])
+        return engine
+    close_engine()
     from vllm import LLM  # after prepare_vllm_process: see there
-    return LLM(**kwargs)
+    engine = LLM(**kwargs)
+    KEPT.update(kwargs=kwargs, engine=engine)
+    return engine
+
+
+def reusable(kept, wanted):
+    """Whether the engine started with `kept` can serve `wanted` after a reload of the weights."""
+    loose = ("model", "tokenizer", "seed", "max_model_len", "max_num_batched_tokens", "kv_cache_memory_bytes")
+    if any(kept.get(k) != wanted.get(k) for k in set(kept) | set(wanted) if k not in loose):
+        return False
+    if wanted["max_model_len"] > kept["max_model_len"]:
+        return False
+    return architecture(kept["model"]) == architecture(wanted["model"])
+
+
+def architecture(model_dir):
+    import json
+    from pathlib import Path
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return {k: v for k, v in config.items() if k not in NOT_ARCHITECTURE}
+
+
+def close_engine():
+    """Shut down the kept engine, if any (its worker processes and their memory)."""
+    engine = KEPT.pop("engine", None)
+    KEPT.pop("kwargs", None)
+    if engine is not None:
+        engine.llm_engine.engine_core.shutdown()
+        del engine
+        import gc
+        gc.collect()
 
 
 def generate_responses_vllm(engine, model_dir, tokenizer, records, K, temperature=1.0, top_p=1.0, top_k=0,

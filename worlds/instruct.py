@@ -424,14 +424,18 @@ def export_alpaca_eval(records, path, generator):
                        "dataset": "sppo-instruct-heldout"} for r in records])
 
 
-def evaluate(model_dirs, world, run_dir, max_new_tokens=EVAL_MAX_NEW_TOKENS, samples=EVAL_SAMPLES, limit=None):
+def evaluate(model_dirs, world, run_dir, max_new_tokens=EVAL_MAX_NEW_TOKENS, samples=EVAL_SAMPLES, limit=None,
+             sample=None, final=False):
     """One row per policy pi_0..pi_T on the held-out prompts.
 
     Each policy's samples (`samples` per prompt, the same seeds for every policy, decoded as the
     official evaluation: T 0.7, top_p 0.9), their checks and log-probs are cached in
-    run_dir/iter{t}/, so a later iteration evaluates only the new policy.
+    run_dir/iter{t}/, so a later iteration evaluates only the new policy. sample:
+    generate.sampler(the run's backend). final (the run's last policy): IFBench's scores of pi_0 and
+    of it too (ifbench_scores).
     """
-    from generate import generate_responses
+    from generate import sampler
+    sample = sample or sampler()
     eval_prompts = [json.loads(line) for line in Path(world["eval_prompts"]).read_text().splitlines()][:limit]
     end_ids = None
     base = None
@@ -439,10 +443,9 @@ def evaluate(model_dirs, world, run_dir, max_new_tokens=EVAL_MAX_NEW_TOKENS, sam
     for t, model_dir in enumerate(model_dirs):
         cache = Path(run_dir) / f"iter{t}" / "eval_samples.json"
         if not cache.exists():
+            records = sample(model_dir, eval_prompts, samples, temperature=EVAL_TEMPERATURE, top_p=EVAL_TOP_P,
+                             max_new_tokens=max_new_tokens, seed=EVAL_SEED, batch_size=16, desc=f"eval samples pi_{t}")
             tokenizer, model = load_tokenizer(model_dir), load_model(model_dir).eval()
-            records = generate_responses(model, tokenizer, eval_prompts, samples, temperature=EVAL_TEMPERATURE,
-                                         top_p=EVAL_TOP_P, max_new_tokens=max_new_tokens, seed=EVAL_SEED,
-                                         batch_size=16, desc=f"eval samples pi_{t}")
             logp_t, lengths = sample_logps(model, tokenizer, records)
             if base is None:
                 base = (tokenizer, model) if t == 0 else (load_tokenizer(model_dirs[0]), load_model(model_dirs[0]).eval())
@@ -468,6 +471,9 @@ def evaluate(model_dirs, world, run_dir, max_new_tokens=EVAL_MAX_NEW_TOKENS, sam
         row["kl_estimate"] = float(np.mean(np.array(stats["logp_pit"]) - np.array(stats["logp_pi0"])))
         row["samples"] = [(user_message(r["prompt"]), r["responses"][0]) for r in records[:2]]
         rows.append(row)
+    if final:  # an outside benchmark, once per run: the first policy and the last
+        for t in sorted({0, len(model_dirs) - 1}):
+            rows[t]["ifbench"] = ifbench_scores(model_dirs[t], Path(run_dir) / f"iter{t}", sample=sample)
     return rows
 
 
@@ -485,6 +491,13 @@ def format_table(rows) -> str:
                      f"{r['length']:>6.1f} {r['ends_with_eot']:>5.2f} {r['distinct_2']:>5.3f} {r['kl_estimate']:>6.2f}")
     lines.append("(inst-S/L: instruction-level strict/loose; prm: prompt-level; seen/unseen: instruction types "
                  "training never saw; P>pi0: judge's P(pi_t > pi_0); eot: fraction ending with the end-of-turn token)")
+    for r in rows:
+        if "ifbench" in r:
+            b = r["ifbench"]
+            lines.append(f"IFBench pi_{r['iteration']}: inst-S {b['inst_strict']:.3f} inst-L {b['inst_loose']:.3f} "
+                         f"prm-S {b['prompt_strict']:.3f} prm-L {b['prompt_loose']:.3f} ({b['prompts']} shipped test "
+                         f"prompts, {b['prompts'] - b['offline_errors']} checkable offline, one sample each; "
+                         f"{b['truncated']:.2f} truncated)")
     for r in rows[-1:]:
         lines += [f"  pi_{r['iteration']}: {p!r} -> {y!r}" for p, y in r["samples"]]
     return "\n".join(lines)
@@ -559,19 +572,18 @@ def ifbench_prompts(limit=None, max_prompt_tokens=None, tokenizer=None):
     return rows[:limit]
 
 
-def ifbench_scores(model_dir, out_dir, limit=None, max_prompt_tokens=None, max_new_tokens=128):
+def ifbench_scores(model_dir, out_dir, limit=None, max_prompt_tokens=None, max_new_tokens=128, sample=None):
     """IFBench (shipped test prompts, its own strict and loose checker) for one policy: one sample per
     prompt, decoded as the evaluation (T 0.7, top_p 0.9, fixed seed). Cached in out_dir."""
-    from generate import generate_responses
+    from generate import sampler
     lib = ifbench_module()
     cache = Path(out_dir) / "ifbench.json"
     if cache.exists():
         return json.loads(cache.read_text())
-    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir).eval()
-    rows = ifbench_prompts(limit, max_prompt_tokens, tokenizer)
+    rows = ifbench_prompts(limit, max_prompt_tokens, load_tokenizer(model_dir))
     records = [{"id": str(r["key"]), "prompt": [{"role": "user", "content": r["prompt"]}]} for r in rows]
-    records = generate_responses(model, tokenizer, records, 1, temperature=EVAL_TEMPERATURE, top_p=EVAL_TOP_P,
-                                 max_new_tokens=max_new_tokens, seed=EVAL_SEED, batch_size=8, desc="ifbench")
+    records = (sample or sampler())(model_dir, records, 1, temperature=EVAL_TEMPERATURE, top_p=EVAL_TOP_P,
+                                    max_new_tokens=max_new_tokens, seed=EVAL_SEED, batch_size=8, desc="ifbench")
     responses = {r["prompt"]: rec["responses"][0] for r, rec in zip(rows, records)}
     result = {"prompts": len(rows), "offline_errors": 0}
     import nltk

@@ -139,14 +139,16 @@ def sample_logps(model, tokenizer, records, batch_size=16):
     return torch.cat(out).tolist(), [len(r) for _, r in pairs]
 
 
-def evaluate(model_dirs, world, run_dir, max_new_tokens=24):
+def evaluate(model_dirs, world, run_dir, max_new_tokens=24, sample=None, final=False):
     """One row per policy pi_0..pi_T on the held-out prompts.
 
     Each policy's samples (EVAL_SAMPLES per prompt, the same seeds for every policy, so the
     comparisons are paired) and their scores and log-probs are cached in run_dir/iter{t}/, so a
-    later iteration evaluates only the new policy.
+    later iteration evaluates only the new policy. sample: generate.sampler(the run's backend);
+    final (the run's last policy) changes nothing here.
     """
-    from generate import generate_responses
+    from generate import sampler
+    sample = sample or sampler()
     eval_prompts = [json.loads(line) for line in Path(world["eval_prompts"]).read_text().splitlines()]
     scorers = lexicon_scorers()
     base = None
@@ -154,9 +156,9 @@ def evaluate(model_dirs, world, run_dir, max_new_tokens=24):
     for t, model_dir in enumerate(model_dirs):
         cache = Path(run_dir) / f"iter{t}" / "eval_samples.json"
         if not cache.exists():
+            records = sample(model_dir, eval_prompts, EVAL_SAMPLES, max_new_tokens=max_new_tokens, seed=EVAL_SEED,
+                             batch_size=24, desc=f"eval samples pi_{t}")
             tokenizer, model = load_tokenizer(model_dir), load_model(model_dir).eval()
-            records = generate_responses(model, tokenizer, eval_prompts, EVAL_SAMPLES, max_new_tokens=max_new_tokens,
-                                         seed=EVAL_SEED, batch_size=24, desc=f"eval samples pi_{t}")
             logp_t, lengths = sample_logps(model, tokenizer, records)
             if base is None:
                 base = (tokenizer, model) if t == 0 else (load_tokenizer(model_dirs[0]), load_model(model_dirs[0]).eval())

@@ -112,6 +112,7 @@ def test_vllm_is_imported_before_cuda_is_touched(monkeypatch, tmp_path, toy_worl
         if value is None:
             monkeypatch.delenv(key)
     monkeypatch.setattr(vllm_backend, "on_cpu", lambda: False)  # the GPU path, wherever this runs
+    monkeypatch.setattr(vllm_backend, "KEPT", {})  # no engine kept from before: this one starts afresh
     # rank 1 of 2 without a rendezvous: do this rank's shard, as run_sharded would
     monkeypatch.setattr(generate, "run_sharded", lambda records, out, work, config: write_records(
         out, work(shard_of(records, 1, 2))))
@@ -133,7 +134,9 @@ def test_dry_run_of_a_paper_preset_prints_config_and_commands(tmp_path):
     # the resolved config: the preset's values over the stage defaults, iterate.py's own defaults beside
     preset, parser = flags.PRESETS["mistral-7b"], flags.iterate_parser()
     expected = {a.dest: preset.get(a.dest, a.default) for a in parser._actions if a.dest in config and a.dest != "help"}
-    expected.update(eval_prompts="alpaca_eval.json", preset="mistral-7b", dry_run=True, in_process=False)  # vllm: apart
+    import torch
+    expected.update(eval_prompts="alpaca_eval.json", preset="mistral-7b", dry_run=True,
+                    in_process=not torch.cuda.is_available())  # GPUs: apart; a CPU: one process, one engine kept
     assert {k: config[k] for k in expected if k != "run_dir"} == {k: v for k, v in expected.items() if k != "run_dir"}
     commands = [line for line in res.stdout.splitlines() if line.startswith("+ ")]
     train_cmds = [c for c in commands if "train.py" in c]

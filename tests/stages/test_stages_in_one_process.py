@@ -105,7 +105,7 @@ def test_in_process_by_default_for_one_cpu_process_only(monkeypatch):
     decide = lambda *argv: launch.stages_in_process(flags.iterate_args(list(argv)))  # noqa: E731
     assert decide() is True and decide("--no-in_process") is False
     assert decide("--nproc_per_node", "2") is False  # torchrun
-    assert decide("--backend", "vllm") is False
+    assert decide("--backend", "vllm") is True  # one vLLM engine kept for the whole run
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert decide() is False and decide("--in_process") is True  # GPUs: memory freed between stages
     with pytest.raises(SystemExit):

@@ -10,7 +10,6 @@ variance Var_q(log q) exactly when y_t ~ q, so over a set z = sum / sqrt(sum of 
 ~N(0, 1) for a right sampler and far below 0 for one that is too random (the negative control:
 samples drawn at T=1.5 scored as T=1 or T=0.7).
 """
-import gc
 import json
 import math
 import os
@@ -24,7 +23,8 @@ import torch
 from generate import filter_logits, generate_responses
 from lm import load_model, load_tokenizer, prompt_token_ids, response_end_ids, response_token_ids, row_seed, stop_token_ids
 from records import InputError
-from vllm_backend import engine_kwargs, generate_responses_vllm, prepare_vllm_process, start_engine
+from lm import model_context
+from vllm_backend import KEPT_LENGTH, close_engine, engine_kwargs, generate_responses_vllm, prepare_vllm_process, start_engine
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,15 +34,28 @@ Z = 4.0  # |z| bound of a right sampler (two-sided p ~ 6e-5 per check)
 
 @pytest.fixture(scope="module")
 def toy_model(tmp_path_factory):
+    """The toy world's model, its context widened to 512 (RoPE: the same network) so that prompts
+    can fill whole blocks of vLLM's CPU cache (128 tokens)."""
+    import shutil
     from worlds import toy
     world = toy.build_world(tmp_path_factory.mktemp("toy_world"), seed=0, sft_steps=40)
-    return Path(world["model"]), Path(world["eval_prompts"])
+    wide = tmp_path_factory.mktemp("toy_model") / "model"
+    shutil.copytree(world["model"], wide)
+    config = json.loads((wide / "config.json").read_text())
+    (wide / "config.json").write_text(json.dumps(dict(config, max_position_embeddings=512)))
+    return wide, Path(world["eval_prompts"])
 
 
 @pytest.fixture(scope="module")
 def records(toy_model):
     with open(toy_model[1]) as f:
         return [json.loads(line) for line in f][:24]
+
+
+@pytest.fixture(scope="module")
+def long_records(records):
+    """Prompts of ~280 tokens: two whole blocks of the cache each (what a prefix cache keeps)."""
+    return [dict(r, id=f"{r['id']}-long", prompt=(r["prompt"] + " ") * 20) for r in records[:8]]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +74,7 @@ def engine(toy_model):
     llm = start_engine(**engine_kwargs(toy_model[0], MAX_LEN, kv_cache_gib=0.25, enforce_eager=True))
     yield llm
     del llm
-    gc.collect()
+    close_engine()
 
 
 def vllm(engine, toy_model, tok, records, K, **kw):
@@ -222,6 +235,42 @@ def test_K_and_greedy_with_K_above_one(engine, toy_model, tok, hf_model, records
     assert [(r["responses"], r["truncated"]) for r in greedy] == [(r["responses"], r["truncated"]) for r in hf]
 
 
+# ---- one engine for a whole run: the next policy's weights reloaded into it
+
+
+@pytest.fixture(scope="module")
+def other_policy(toy_model, tok, tmp_path_factory):
+    """A checkpoint of the same architecture with other weights (as training writes the next policy)."""
+    out = tmp_path_factory.mktemp("other_policy")
+    model = load_model(toy_model[0], dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * p.std() * torch.randn(p.shape, generator=g))
+    model.config.use_cache = False  # as train.py saves it: not part of the architecture
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out, load_model(out, dtype=torch.float32).eval()
+
+
+def test_the_kept_engine_serves_the_next_policy_as_a_fresh_one_would(engine, toy_model, tok, hf_model, long_records,
+                                                                     other_policy):
+    base_kw = engine_kwargs(toy_model[0], MAX_LEN, kv_cache_gib=0.25, enforce_eager=True)
+    other, other_hf = other_policy
+    greedy = dict(temperature=0, max_new_tokens=8)
+    try:
+        vllm(engine, toy_model, tok, long_records, 1, **greedy)  # their prompts' blocks now sit in the prefix cache
+        again = start_engine(**engine_kwargs(other, MAX_LEN, kv_cache_gib=0.25, enforce_eager=True, seed=3))
+        assert again is engine  # reused, not restarted
+        ours = generate_responses_vllm(again, other, tok, long_records, 1, **greedy)
+        assert ours == generate_responses(other_hf, tok, long_records, 1, **greedy)  # the new weights, no stale keys
+        assert ours != generate_responses(hf_model, tok, long_records, 1, **greedy)
+    finally:
+        assert start_engine(**base_kw) is engine  # the base model back for the other tests
+    assert vllm(engine, toy_model, tok, long_records, 1, **greedy) == generate_responses(hf_model, tok, long_records, 1,
+                                                                                          **greedy)
+
+
 # ---- checks before an engine starts (no engine needed)
 
 
@@ -235,7 +284,9 @@ def test_checks_before_the_engine_starts(toy_model, monkeypatch):
     with pytest.raises(InputError, match="dtype"):
         engine_kwargs(toy_model[0], MAX_LEN, dtype="bfloat16", cpu=True)
     kw = engine_kwargs(toy_model[0], MAX_LEN, cpu=True)
-    assert kw["dtype"] == "float32" and 0 < kw["kv_cache_memory_bytes"] <= 4 << 30 and kw["max_model_len"] == MAX_LEN
+    assert kw["dtype"] == "float32" and 0 < kw["kv_cache_memory_bytes"] <= 4 << 30
+    assert kw["max_model_len"] == max(MAX_LEN, min(KEPT_LENGTH, model_context(toy_model[0])))  # room for the next call
+    assert not kw["enable_chunked_prefill"] and kw["max_num_batched_tokens"] >= kw["max_model_len"]
     assert engine_kwargs(toy_model[0], MAX_LEN, cpu=False)["dtype"] == "bfloat16"
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "40")
     with pytest.raises(InputError, match="VLLM_CPU_KVCACHE_SPACE"):
