@@ -70,7 +70,7 @@ def build_world(out_dir, seed=0):
     model; returns their paths."""
     import random
 
-    import gemma
+    from worlds import gemma
     gemma.converted_model_dir()  # converted once per machine
     with build_once(out_dir) as tmp:
         if tmp is not None:

