@@ -25,7 +25,13 @@ class InputError(ValueError):
 
 
 def fail_with(e: Exception):
-    """Exit non-zero with one clear line: what scripts do with an InputError."""
+    """Exit non-zero with one clear line: what scripts do with an InputError. With SPPO_TRACEBACK=1
+    the traceback behind the line comes first (for an error raised from another, such as a
+    plug-in judge's exception, that one's too): the one line is for users, the trace for whoever
+    debugs the code that raised."""
+    if os.environ.get("SPPO_TRACEBACK") == "1" and isinstance(e, BaseException):
+        import traceback
+        traceback.print_exception(e, file=sys.stderr)
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
 
