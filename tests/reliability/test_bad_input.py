@@ -76,7 +76,8 @@ CASES = [
     ("win-rate-not-row-mean", "train", jl(dict(RANKED, win_rate=[0.4, 0.6])), [], "in.jsonl:1: field 'win_rate': entry 0 is 0.4"),
     ("win-rate-missing", "train", jl({k: v for k, v in RANKED.items() if k != "win_rate"}), [], "in.jsonl:1: field 'win_rate'"),
     ("win-rate-length", "train", jl(dict(RANKED, win_rate=[0.6])), [], "in.jsonl:1: field 'win_rate'"),
-    ("prompt-no-room-in-max-length", "train", jl(RANKED), ["--max_length", "8"], "in.jsonl:1: field 'prompt': "),
+    ("max-length-not-above-max-prompt-length", "train", jl(RANKED), ["--max_length", "8"],
+     "argument --max_length: 8 is not above --max_prompt_length 512"),
     # ---- flags and paths: generate.py ----
     ("model-missing", "generate", jl(PROMPT), ["--model", "TMP/nope/model"], "--model TMP/nope/model: directory not found"),
     ("model-empty-dir", "generate", jl(PROMPT), ["--model", "TMP"], "no config.json in it"),
@@ -134,7 +135,8 @@ CASES = [
     ("iterate-top-p-0", "iterate", jl(PROMPT), ["--top_p", "0"], "argument --top_p"),
     ("iterate-nproc-0", "iterate", jl(PROMPT), ["--nproc_per_node", "0"], "argument --nproc_per_node"),
     ("iterate-model-missing", "iterate", jl(PROMPT), ["--model", "TMP/nope/model"], "directory not found"),
-    ("iterate-max-length-short", "iterate", jl(PROMPT), ["--max_length", "8", "--iterations", "1"], "--max_length 8: "),
+    ("iterate-max-length-short", "iterate", jl(PROMPT), ["--max_length", "8", "--iterations", "1"],
+     "argument --max_length: 8 is not above --max_prompt_length"),
     ("iterate-judge-factory-missing", "iterate", jl(PROMPT), ["--judge", "toy:NoSuchJudge"], "module 'toy' has no factory"),
     ("iterate-prompts-dir-not-dataset", "iterate", jl(PROMPT), ["--prompts", "TMP"], "not a dataset saved with save_to_disk"),
 ]
