@@ -126,7 +126,7 @@ CASES = [
     ("train-model-missing", "train", jl(RANKED), ["--model", "TMP/nope/model"], "directory not found"),
     # ---- iterate.py: everything up front ----
     ("iterate-empty-slice", "iterate", jl(PROMPT, dict(PROMPT, id="b")), ["--iterations", "3"],
-     "--prompts: iteration 2 of 3 gets no prompts"),
+     "--iterations 3: more iterations than the 2 prompts"),
     ("iterate-bad-prompt-last-slice", "iterate", jl(*[dict(PROMPT, id=i) for i in range(5)], dict(PROMPT, id=5, prompt=LONG)),
      ["--iterations", "3"], "in.jsonl:6: field 'prompt': "),
     ("iterate-sources-count", "iterate", jl(PROMPT), ["--prompts", "IN,IN"], "--prompts: 2 sources for 3 iterations"),
@@ -159,8 +159,6 @@ CASES = [
     ("warmup-ratio-above-1", "train", jl(RANKED), ["--warmup_ratio", "1.5"], "argument --warmup_ratio"),
     ("max-prompt-length-equals-max-length", "train", jl(RANKED), ["--max_prompt_length", "96", "--max_length", "96"],
      "argument --max_length: 96 is not above --max_prompt_length 96"),
-    ("iterate-iterations-above-prompts", "iterate", jl(PROMPT, dict(PROMPT, id="b")), ["--iterations", "3"],
-     "--iterations 3: more iterations than the 2 prompts"),
     ("iterate-unknown-flag", "iterate", jl(PROMPT), ["--learning_rate", "1e-4"], "unrecognized arguments: --learning_rate"),
 ]
 
