@@ -103,6 +103,23 @@ def rank_parser(description=None):
     return ap
 
 
+def check_lengths(ap, args):
+    """--max_prompt_length below --max_length, for train.py and iterate.py: a prompt cut to its last
+    --max_prompt_length tokens must leave room for a response (the official trainer gives responses
+    max_length - max_prompt_length tokens)."""
+    if args.max_prompt_length >= args.max_length:
+        ap.error(f"argument --max_length: {args.max_length} is not above --max_prompt_length {args.max_prompt_length}, "
+                 "so a cut prompt would leave no room for a response; give --max_prompt_length below --max_length")
+
+
+def train_args(argv=None, description=None):
+    """train.py's command line, its flags checked together."""
+    ap = train_parser(description)
+    args = ap.parse_args(argv)
+    check_lengths(ap, args)
+    return args
+
+
 def judge_spec(text):
     """pairrm, reward or module:factory; whether the module has the factory is checked when it is imported."""
     module, colon, factory = text.partition(":")
@@ -306,6 +323,7 @@ def iterate_args(argv=None, description=None):
         ap.error("--world_dir is for the built-in worlds (no --model)")
     if args.K < 2:
         ap.error(f"argument --K: SPPO ranks K >= 2 responses per prompt, got {args.K}")
+    check_lengths(ap, args)
     if args.eval_prompts and args.eval_max == 0:
         ap.error("argument --eval_max: 0 leaves no --eval_prompts prompt (give at least 1, or no --eval_prompts)")
     args.run_dir = args.run_dir or f"runs/{args.preset}-seed{args.seed}"

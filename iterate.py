@@ -248,6 +248,9 @@ def prompt_slices(args):
                          f"(give 1 or {args.iterations})")
     loaded = [load_prompts(s, args.prompt_split, args.prompt_column) for s in sources]
     if len(loaded) == 1:
+        if len(loaded[0]) < args.iterations:  # before the split, which makes a list per iteration
+            raise InputError(f"--iterations {args.iterations}: more iterations than the {len(loaded[0])} prompts of "
+                             f"{sources[0]}; each iteration needs at least one prompt")
         loaded = split_prompts(loaded[0], args.iterations)
     if len(loaded) != args.iterations:
         raise InputError(f"--prompts: {len(loaded)} sources for {args.iterations} iterations (give 1 or {args.iterations})")
@@ -271,20 +274,17 @@ def check_eval_prompts_fit(args, records):
 
 
 def check_prompts_fit(args, slices):
-    """Every prompt of every slice, checked now as generate.py and train.py will check it: the
-    chat template takes it, it fits the model's context with the new tokens, and it leaves room
-    for a response within --max_length. A bad prompt of the last iteration does not wait for it."""
+    """Every prompt of every slice, checked now as generate.py will check it: the chat template
+    takes it and it fits the model's context with the new tokens (train.py's room for a response is
+    the flags' own: --max_prompt_length below --max_length). A bad prompt of the last iteration does
+    not wait for it."""
     tokenizer, context = load_tokenizer(args.model), model_context(args.model)
     sources = args.prompts.split(",")
     per_source = slices if len(sources) == len(slices) else [sum(slices, [])]  # each in its file's order
     for source, records in zip(sources, per_source):
-        ids = checked_prompt_ids(records, tokenizer, source, context and context - args.max_new_tokens,
-                                 f"the model's context ({context}) minus --max_new_tokens ({args.max_new_tokens})",
-                                 args.prompt_format)
-        longest = max(min(len(p), args.max_prompt_length) for p in ids)
-        if longest >= args.max_length:
-            raise InputError(f"--max_length {args.max_length}: {source} has a prompt of {longest} tokens "
-                             f"(after --max_prompt_length {args.max_prompt_length}), no room for a response")
+        checked_prompt_ids(records, tokenizer, source, context and context - args.max_new_tokens,
+                           f"the model's context ({context}) minus --max_new_tokens ({args.max_new_tokens})",
+                           args.prompt_format)
 
 
 FINISHED = ("iter*/responses.jsonl", "iter*/ranked.jsonl", "iter*/model/train_info.json", "iter*/eval_responses.jsonl")

@@ -229,11 +229,28 @@ def make_judge(spec: str, path=None, p_mode="pairwise", max_length=None, batch_s
         return PairRMJudge(path, p_mode=p_mode, max_length=max_length, batch_size=batch_size, device=device)
     if spec == "reward":
         return RewardJudge(path, max_length=max_length, batch_size=batch_size, device=device)
-    judge = judge_factory(spec)(path)
+    judge = plugin_call(spec, "the factory", judge_factory(spec), path)
     if not callable(getattr(judge, "preferences", None)):
         raise InputError(f"--judge {spec}: the factory returned a {type(judge).__name__}, which has no "
                          "preferences(prompts, responses) method")
     return judge
+
+
+def is_plugin(spec) -> bool:
+    """A `module:factory` judge: code this project did not write."""
+    return spec not in ("pairrm", "reward") and ":" in str(spec)
+
+
+def plugin_call(spec, what, fn, *args):
+    """fn(*args), code of the plug-in judge `spec`: an exception it raises ends the stage in one line
+    naming the judge and the exception (exit 2), its traceback shown with SPPO_TRACEBACK=1. A judge
+    server that is down is the user's to fix, not a bug of ours to trace."""
+    try:
+        return fn(*args)
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(f"--judge {spec}: {what} raised {type(e).__name__}: {e}") from e
 
 
 def judge_factory(spec: str):
@@ -251,6 +268,8 @@ def judge_factory(spec: str):
         module = importlib.import_module(f"worlds.{module_name}")  # a built-in world's judge: toy:ToyJudge
     except ImportError as e:
         raise InputError(f"--judge {spec!r}: cannot import module {module_name!r} ({e})") from e
+    except Exception as e:  # the module's own code failed (a syntax error, a raise at import): as plugin_call
+        raise InputError(f"--judge {spec}: importing module {module_name!r} raised {type(e).__name__}: {e}") from e
     if not callable(getattr(module, factory, None)):
         raise InputError(f"--judge {spec!r}: module {module_name!r} has no factory {factory!r}")
     return getattr(module, factory)

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from flags import rank_parser
-from judges import judge_factory, make_judge
+from judges import is_plugin, judge_factory, make_judge, plugin_call
 from launch import dist_env, run_sharded, watch_launcher
 from lm import load_tokenizer, prompt_text, templated_prompt_text
 from records import (InputError, check_not_input, check_output, check_work_dir, fail_with, one_line_errors, path_stamp,
@@ -82,7 +82,9 @@ def rank_records(records, judge, batch_size=16, desc="rank", judge_text=prompt_t
     out = []
     for start in tqdm(range(0, len(records), batch_size), desc=desc, unit="batch"):
         batch = records[start:start + batch_size]
-        results = judge.preferences([judge_text(r["prompt"]) for r in batch], [r["responses"] for r in batch])
+        texts, responses = [judge_text(r["prompt"]) for r in batch], [r["responses"] for r in batch]
+        results = plugin_call(name, "preferences()", judge.preferences, texts, responses) if is_plugin(name) \
+            else judge.preferences(texts, responses)
         for rec, (P, scores) in zip(batch, checked_results(results, batch, name)):
             P = checked_matrix(P, len(rec["responses"]), rec["id"], name)
             new = dict(rec, P=P.tolist(), win_rate=win_rates(P).tolist())

@@ -25,7 +25,13 @@ class InputError(ValueError):
 
 
 def fail_with(e: Exception):
-    """Exit non-zero with one clear line: what scripts do with an InputError."""
+    """Exit non-zero with one clear line: what scripts do with an InputError. With SPPO_TRACEBACK=1
+    the traceback behind the line comes first (for an error raised from another, such as a
+    plug-in judge's exception, that one's too): the one line is for users, the trace for whoever
+    debugs the code that raised."""
+    if os.environ.get("SPPO_TRACEBACK") == "1" and isinstance(e, BaseException):
+        import traceback
+        traceback.print_exception(e, file=sys.stderr)
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
 
@@ -298,7 +304,7 @@ def atomic_write(path, write_fn, mode="w"):
     remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+        with named_os_errors(path), open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
@@ -306,6 +312,40 @@ def atomic_write(path, write_fn, mode="w"):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def named_os_errors(path):
+    """An OSError raised in the block without a file name (a full disk found by write() or fsync,
+    or inside a library's save) gets `path`, the output being written: the one-line error names it."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
+
+
+@contextlib.contextmanager
+def held_lock_file(path):
+    """Hold an exclusive lock on the file `path` for the block, waiting while another process holds
+    it; the file is removed when the block ends, so none is left beside the user's files. A waiter
+    that wakes on a file its holder has removed tries again on the file now at `path`: the process
+    that holds the lock on that file is the only holder."""
+    while True:
+        lock = open(path, "w")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        lock.close()
+    try:
+        yield
+    finally:
+        Path(path).unlink(missing_ok=True)
+        lock.close()
 
 
 def write_json(path, obj):
@@ -340,8 +380,9 @@ def build_once(out_dir):
 
     Yields None if out_dir is built already (it holds the file BUILT); else an empty temporary
     directory next to it to build in, which becomes out_dir when the block ends without an error.
-    A lock file beside it makes a second builder wait for the first, then find out_dir built; the
-    kernel drops the lock of a killed builder, and the next one deletes its half-built directory.
+    A lock file beside it (removed when the build ends) makes a second builder wait for the first,
+    then find out_dir built; the kernel drops the lock of a killed builder, and the next one deletes
+    its half-built directory.
     An out_dir that holds files but no BUILT is refused, not replaced.
     """
     out_dir = Path(out_dir)
@@ -349,8 +390,7 @@ def build_once(out_dir):
         yield None
         return
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_dir.with_name(f".{out_dir.name}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # waits while another process builds
+    with held_lock_file(out_dir.with_name(f".{out_dir.name}.lock")):  # waits while another process builds
         if (out_dir / BUILT).exists():  # it did
             yield None
             return
@@ -362,11 +402,12 @@ def build_once(out_dir):
         for stale in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.tmp*"):  # a killed builder's
             shutil.rmtree(stale)
         tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
-        tmp.mkdir()
         try:
-            yield tmp
-            (tmp / BUILT).write_text("ok\n")
-            os.replace(tmp, out_dir)  # onto nothing, or onto the empty directory checked above
+            with named_os_errors(out_dir):
+                tmp.mkdir()
+                yield tmp
+                (tmp / BUILT).write_text("ok\n")
+                os.replace(tmp, out_dir)  # onto nothing, or onto the empty directory checked above
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

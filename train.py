@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from tqdm import tqdm
 
 from checkpoint import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
-from flags import train_parser
+from flags import train_args
 from launch import dist_env, watch_launcher
 from lm import (LARGE_VOCAB, check_model_files, collate, cpu_lm_head, load_model, load_tokenizer, prompt_token_ids,
                 response_token_ids, sequence_logps)
@@ -121,7 +121,7 @@ def accumulate_gradients(model, micro_batches, scale, pad_id, device, *, loss_ty
 
 
 def main(argv=None):
-    args = train_parser(__doc__).parse_args(argv)  # the flags: flags.py
+    args = train_args(argv, __doc__)  # the flags: flags.py
     watch_launcher()
     run = setup(args)
     ref_logps = reference_pass(run)

@@ -89,7 +89,8 @@ def launch(script, *args, nproc=1, env=None, popen=False):
 # 23 prompts, global batch 7 = 4 + 3 per rank (one weight-0 padding example), micro-batch 3 (gradient
 # accumulation over 2 forwards), a last batch of 2, grad clipping on, RMSprop, a checkpoint every 2 steps
 TRAIN = ["--eta", "10", "--optimizer", "rmsprop", "--lr", "1e-3", "--lr_schedule", "constant", "--warmup_ratio", "0.1",
-         "--global_batch", "7", "--micro_batch", "3", "--grad_clip", "1.0", "--max_length", "64", "--save_every", "2"]
+         "--global_batch", "7", "--micro_batch", "3", "--grad_clip", "1.0", "--max_length", "64", "--max_prompt_length", "32",
+         "--save_every", "2"]
 EPOCHS = {"equal": 2, "unequal": 4}
 
 

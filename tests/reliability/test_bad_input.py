@@ -1,6 +1,7 @@
 """Every kind of bad input is one clear error before any work: exit code 2, a line naming the
 file, line and field (or the flag), and nothing written. One case per kind, run in-process
 (each stage's main(argv)); the table in NOTES.md lists them."""
+import gzip
 import json
 
 import pytest
@@ -76,7 +77,8 @@ CASES = [
     ("win-rate-not-row-mean", "train", jl(dict(RANKED, win_rate=[0.4, 0.6])), [], "in.jsonl:1: field 'win_rate': entry 0 is 0.4"),
     ("win-rate-missing", "train", jl({k: v for k, v in RANKED.items() if k != "win_rate"}), [], "in.jsonl:1: field 'win_rate'"),
     ("win-rate-length", "train", jl(dict(RANKED, win_rate=[0.6])), [], "in.jsonl:1: field 'win_rate'"),
-    ("prompt-no-room-in-max-length", "train", jl(RANKED), ["--max_length", "8"], "in.jsonl:1: field 'prompt': "),
+    ("max-length-not-above-max-prompt-length", "train", jl(RANKED), ["--max_length", "8"],
+     "argument --max_length: 8 is not above --max_prompt_length 512"),
     # ---- flags and paths: generate.py ----
     ("model-missing", "generate", jl(PROMPT), ["--model", "TMP/nope/model"], "--model TMP/nope/model: directory not found"),
     ("model-empty-dir", "generate", jl(PROMPT), ["--model", "TMP"], "no config.json in it"),
@@ -124,7 +126,7 @@ CASES = [
     ("train-model-missing", "train", jl(RANKED), ["--model", "TMP/nope/model"], "directory not found"),
     # ---- iterate.py: everything up front ----
     ("iterate-empty-slice", "iterate", jl(PROMPT, dict(PROMPT, id="b")), ["--iterations", "3"],
-     "--prompts: iteration 2 of 3 gets no prompts"),
+     "--iterations 3: more iterations than the 2 prompts"),
     ("iterate-bad-prompt-last-slice", "iterate", jl(*[dict(PROMPT, id=i) for i in range(5)], dict(PROMPT, id=5, prompt=LONG)),
      ["--iterations", "3"], "in.jsonl:6: field 'prompt': "),
     ("iterate-sources-count", "iterate", jl(PROMPT), ["--prompts", "IN,IN"], "--prompts: 2 sources for 3 iterations"),
@@ -134,9 +136,30 @@ CASES = [
     ("iterate-top-p-0", "iterate", jl(PROMPT), ["--top_p", "0"], "argument --top_p"),
     ("iterate-nproc-0", "iterate", jl(PROMPT), ["--nproc_per_node", "0"], "argument --nproc_per_node"),
     ("iterate-model-missing", "iterate", jl(PROMPT), ["--model", "TMP/nope/model"], "directory not found"),
-    ("iterate-max-length-short", "iterate", jl(PROMPT), ["--max_length", "8", "--iterations", "1"], "--max_length 8: "),
+    ("iterate-max-length-short", "iterate", jl(PROMPT), ["--max_length", "8", "--iterations", "1"],
+     "argument --max_length: 8 is not above --max_prompt_length"),
     ("iterate-judge-factory-missing", "iterate", jl(PROMPT), ["--judge", "toy:NoSuchJudge"], "module 'toy' has no factory"),
     ("iterate-prompts-dir-not-dataset", "iterate", jl(PROMPT), ["--prompts", "TMP"], "not a dataset saved with save_to_disk"),
+    # ---- more kinds of a hostile user's input ----
+    ("chat-role-not-string", "generate", jl(dict(PROMPT, prompt=[{"role": 5, "content": "x"}])), [],
+     "in.jsonl:1: field 'prompt': expected"),
+    ("chat-content-list-of-parts", "generate", jl(dict(PROMPT, prompt=[{"role": "user", "content": [{"type": "text",
+                                                                                               "text": "x"}]}])),
+     [], "in.jsonl:1: field 'prompt': expected"),
+    ("two-objects-on-one-line", "generate", jl(PROMPT)[:-1] + " " + jl(dict(PROMPT, id="b")), [],
+     "in.jsonl:1: malformed JSON (Extra data"),
+    ("gzip-compressed-file", "generate", gzip.compress(jl(PROMPT).encode(), mtime=0), [], "in.jsonl:1: not UTF-8"),
+    ("out-is-a-directory", "generate", jl(PROMPT), ["--out", "TMP"], "is a directory; give a file name"),
+    ("max-new-tokens-0", "generate", jl(PROMPT), ["--max_new_tokens", "0"], "argument --max_new_tokens"),
+    ("ranked-K-differs-per-line", "train", jl(RANKED, dict(RANKED, id="b", responses=["x", "y", "z"], truncated=[False] * 3,
+                                                          P=[[0.5] * 3] * 3, win_rate=[0.5] * 3)), [],
+     "in.jsonl:2: field 'responses': K mismatch"),
+    ("ranked-win-rate-strings", "train", jl(dict(RANKED, win_rate=["0.6", "0.4"])), [], "in.jsonl:1: field 'win_rate'"),
+    ("ranked-P-flat-list", "train", jl(dict(RANKED, P=[0.5, 0.7, 0.3, 0.5])), [], "in.jsonl:1: field 'P'"),
+    ("warmup-ratio-above-1", "train", jl(RANKED), ["--warmup_ratio", "1.5"], "argument --warmup_ratio"),
+    ("max-prompt-length-equals-max-length", "train", jl(RANKED), ["--max_prompt_length", "96", "--max_length", "96"],
+     "argument --max_length: 96 is not above --max_prompt_length 96"),
+    ("iterate-unknown-flag", "iterate", jl(PROMPT), ["--learning_rate", "1e-4"], "unrecognized arguments: --learning_rate"),
 ]
 
 

@@ -465,13 +465,20 @@ def test_world_dir_that_is_a_file_is_one_clear_error(tmp_path):
 
 
 def test_two_iterate_on_one_run_dir_one_refuses(tmp_path, toy_world):
-    args = iterate_args(toy_world, tmp_path)
-    a, b = popen(args, tmp_path / "a.log"), popen(args, tmp_path / "b.log")
-    a.wait(timeout=900), b.wait(timeout=900)
-    codes = sorted([a.returncode, b.returncode])
-    logs = {a.returncode: (tmp_path / "a.log").read_text(), b.returncode: (tmp_path / "b.log").read_text()}
-    assert codes == [0, 2], logs
-    assert "Traceback" not in logs[2] and "another iterate.py" in logs[2], logs[2][-2000:]
+    """The second starts while the first holds the run directory: a first run of one toy iteration
+    (a second or so) could end before a second one started at the same time got to its lock, and the
+    second would then rightly find the work done; 2000 epochs keep the first busy for minutes."""
+    args = iterate_args(toy_world, tmp_path, "--epochs", "2000")
+    a = popen(args, tmp_path / "a.log")
+    try:
+        wait_for(lambda: "=== iteration 1" in (tmp_path / "a.log").read_text(errors="replace"), a)
+        b = popen(args, tmp_path / "b.log")
+        b.wait(timeout=900)
+        assert a.poll() is None, "the first run ended before the second was refused"
+    finally:
+        kill(a)
+    log = (tmp_path / "b.log").read_text()
+    assert b.returncode == 2 and "Traceback" not in log and "another iterate.py" in log, log[-2000:]
 
 
 def test_ctrl_c_is_one_line(tmp_path, toy_world):

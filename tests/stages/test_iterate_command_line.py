@@ -50,7 +50,8 @@ def test_every_stage_flag_reaches_its_stage_and_no_other():
         else:
             given = [f"--{name}", value]
             expected = [f"--{action.dest}", str(action.type(value) if action.type else value)]
-        args = flags.iterate_args(["--model", "M", "--prompts", "P", "--judge", "pairrm"] + given)
+        together = ["--max_prompt_length", "1"] if name == "max_length" else []  # it must stay above this one
+        args = flags.iterate_args(["--model", "M", "--prompts", "P", "--judge", "pairrm"] + given + together)
         for other, pairs in flags.STAGE_FLAGS.items():
             argv = [str(a) for a in flags.stage_argv(other, args, **plumbing[other])]
             found = expected in [argv[i:i + len(expected)] for i in range(len(argv))]
