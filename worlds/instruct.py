@@ -425,7 +425,7 @@ def export_alpaca_eval(records, path, generator):
 
 
 def evaluate(model_dirs, world, run_dir, max_new_tokens=EVAL_MAX_NEW_TOKENS, samples=EVAL_SAMPLES, limit=None,
-             sample=None, final=False):
+             sample=None, final=False, ifbench_limit=None):
     """One row per policy pi_0..pi_T on the held-out prompts.
 
     Each policy's samples (`samples` per prompt, the same seeds for every policy, decoded as the
@@ -473,7 +473,8 @@ def evaluate(model_dirs, world, run_dir, max_new_tokens=EVAL_MAX_NEW_TOKENS, sam
         rows.append(row)
     if final:  # an outside benchmark, once per run: the first policy and the last
         for t in sorted({0, len(model_dirs) - 1}):
-            rows[t]["ifbench"] = ifbench_scores(model_dirs[t], Path(run_dir) / f"iter{t}", sample=sample)
+            rows[t]["ifbench"] = ifbench_scores(model_dirs[t], Path(run_dir) / f"iter{t}", limit=ifbench_limit,
+                                                sample=sample)
     return rows
 
 

@@ -68,3 +68,20 @@ def test_loose_accepts_a_stray_first_line():
     y = "Sure! Here it is:\nall lowercase text"
     assert instruct.follow_list(y, ids, kw, "p") == [False]
     assert instruct.follow_list(y, ids, kw, "p", loose=True) == [True]
+
+
+def test_evaluation_of_a_policy_against_itself_with_ifbench(world, tmp_path):
+    # the real model, HF sampling: pi_0 and a "pi_1" that is the same model give the same rows (the
+    # evaluation's samples are paired by seed), and the run's last evaluation adds IFBench to both
+    model = str(world["model"])
+    rows = instruct.evaluate([model, model], world, tmp_path, max_new_tokens=16, samples=2, limit=3, final=True,
+                             ifbench_limit=3)
+    a, b = rows
+    assert a["P_vs_pi0"] == b["P_vs_pi0"] == 0.5 and abs(b["kl_estimate"]) < 1e-3
+    assert a["inst_strict_all"] == b["inst_strict_all"] and a["ifbench"] == b["ifbench"]
+    bench = a["ifbench"]
+    assert bench["prompts"] == 3 and 0 <= bench["inst_strict"] <= bench["inst_loose"] <= 1
+    responses = read(tmp_path / "iter0" / "ifbench_responses.jsonl")
+    assert len(responses) == 3 and all(len(r["responses"]) == 1 for r in responses)
+    table = instruct.format_table(rows)
+    assert "IFBench pi_0" in table and "IFBench pi_1" in table
