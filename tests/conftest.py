@@ -1,6 +1,7 @@
 """Tests run offline from the project root; nothing is fetched from a model hub."""
 import importlib.util
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -30,3 +31,23 @@ def gemma_dir():
     """The real LM (google/gemma-3-270m from PyPI), converted once per machine into ~/.cache/sppo."""
     from worlds import gemma
     return gemma.converted_model_dir()
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A tmpfs of the given size, mounted for the test: -> mount(size, fill_kib) -> its path."""
+    if os.geteuid() != 0:
+        pytest.skip("mounts a tmpfs")
+    mounted = []
+
+    def mount(size, fill_kib=None):
+        fs = tmp_path / f"fs{len(mounted)}"
+        fs.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(fs)], check=True)
+        mounted.append(fs)
+        count = f"count={fill_kib}" if fill_kib else ""
+        subprocess.run(f"dd if=/dev/zero of={fs}/filler bs=1k {count} 2>/dev/null; true", shell=True)
+        return fs
+    yield mount
+    for fs in mounted:
+        subprocess.run(["umount", "-l", str(fs)])

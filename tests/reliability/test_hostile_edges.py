@@ -3,9 +3,7 @@ together, a run longer than its prompts, a full disk under the world build and u
 odd but valid input that must simply work. Driven through the command line as a user types it;
 the helpers are test_round_two's."""
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -50,26 +48,6 @@ def test_more_iterations_than_prompts_is_refused_at_once(tmp_path, toy_world):
 
 
 # ---- a full disk under the world build and under train.py ---------------------------------------------
-@pytest.fixture
-def small_fs(tmp_path):
-    """A tmpfs of the given size, mounted for the test: -> mount(size, fill_kib) -> its path."""
-    if os.geteuid() != 0:
-        pytest.skip("mounts a tmpfs")
-    mounted = []
-
-    def mount(size, fill_kib=None):
-        fs = tmp_path / f"fs{len(mounted)}"
-        fs.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(fs)], check=True)
-        mounted.append(fs)
-        count = f"count={fill_kib}" if fill_kib else ""
-        subprocess.run(f"dd if=/dev/zero of={fs}/filler bs=1k {count} 2>/dev/null; true", shell=True)
-        return fs
-    yield mount
-    for fs in mounted:
-        subprocess.run(["umount", "-l", str(fs)])
-
-
 def test_world_build_on_a_full_disk_names_the_world_and_leaves_nothing(tmp_path, small_fs):
     """The error named no file (': No space left on device') and the build's lock file stayed."""
     fs = small_fs("64k")

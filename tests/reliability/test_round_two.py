@@ -498,22 +498,15 @@ def test_ctrl_c_is_one_line(tmp_path, toy_world):
     assert not (tmp_path / "r.jsonl").exists()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs")
-def test_disk_full_is_one_line_nothing_half_written_and_rerun_is_identical(tmp_path, toy_world):
+def test_disk_full_is_one_line_nothing_half_written_and_rerun_is_identical(tmp_path, toy_world, small_fs):
     (tmp_path / "p.jsonl").write_text(prompts(toy_world))
-    fs = tmp_path / "fs"
-    fs.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(fs)], check=True)
-    try:
-        subprocess.run(f"dd if=/dev/zero of={fs}/filler bs=4k 2>/dev/null; true", shell=True)
-        gen = ["generate.py", "--model", toy_world["model"], "--prompts", tmp_path / "p.jsonl", "--K", "2",
-               "--max_new_tokens", "4"]
-        p = cli(*gen, "--out", fs / "r.jsonl")
-        one_error(p, "No space left")
-        assert sorted(x.name for x in fs.iterdir()) == ["filler"]
-        (fs / "filler").unlink()
-        assert cli(*gen, "--out", fs / "r.jsonl").returncode == 0
-        assert cli(*gen, "--out", tmp_path / "ref.jsonl").returncode == 0
-        assert (fs / "r.jsonl").read_bytes() == (tmp_path / "ref.jsonl").read_bytes()
-    finally:
-        subprocess.run(["umount", "-l", str(fs)])
+    fs = small_fs("64k")
+    gen = ["generate.py", "--model", toy_world["model"], "--prompts", tmp_path / "p.jsonl", "--K", "2",
+           "--max_new_tokens", "4"]
+    p = cli(*gen, "--out", fs / "r.jsonl")
+    one_error(p, "No space left")
+    assert sorted(x.name for x in fs.iterdir()) == ["filler"]
+    (fs / "filler").unlink()
+    assert cli(*gen, "--out", fs / "r.jsonl").returncode == 0
+    assert cli(*gen, "--out", tmp_path / "ref.jsonl").returncode == 0
+    assert (fs / "r.jsonl").read_bytes() == (tmp_path / "ref.jsonl").read_bytes()
