@@ -8,6 +8,10 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist (`-n 2`, the README's test command) the workers share the cores: each gets its
+# share of threads, as torchrun's ranks do, instead of every worker taking them all.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "fixtures"))  # tiny_models (judges by module:factory), processes
@@ -51,3 +55,12 @@ def small_fs(tmp_path):
     yield mount
     for fs in mounted:
         subprocess.run(["umount", "-l", str(fs)])
+
+
+# The longest files first: under `-n 2 --dist loadfile` each then overlaps the rest of the suite
+# instead of running alone at its end (the real-engine run in .venv-vllm takes minutes).
+LONGEST_FIRST = ("test_vllm_backend.py", "test_instruct_world.py", "test_stages_in_one_process.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: the rest keep their order
