@@ -24,13 +24,13 @@ import os
 import torch
 from tqdm import tqdm
 
-from flags import generate_parser
-from launch import dist_env, run_sharded, watch_launcher
-from lm import (check_model_files, checked_prompt_ids, cpu_lm_head, load_model, load_tokenizer, model_context,
+from machinery.flags import generate_parser
+from machinery.launch import dist_env, run_sharded, watch_launcher
+from machinery.lm import (check_model_files, checked_prompt_ids, cpu_lm_head, load_model, load_tokenizer, model_context,
                 prompt_token_ids, row_seed, stop_token_ids)
-from records import (InputError, check_model_path, check_not_input, check_output, check_work_dir, fail_with,
+from machinery.records import (InputError, check_model_path, check_not_input, check_output, check_work_dir, fail_with,
                      one_line_errors, path_stamp, read_records, run_info, write_json)
-from vllm_backend import engine_kwargs, generate_responses_vllm, prepare_vllm_process, start_engine
+from machinery.vllm_backend import engine_kwargs, generate_responses_vllm, prepare_vllm_process, start_engine
 
 
 def filter_logits(logits, top_k: int, top_p: float):

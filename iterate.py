@@ -31,17 +31,17 @@ from pathlib import Path
 # inherits it; a user's setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from flags import iterate_args, stage_argv
-from launch import launcher, log_time, run_stage, stages_in_process
-from lm import check_model_files, checked_prompt_ids, load_tokenizer, model_context, prompt_text
-from records import (InputError, atomic_write, cache_root, check_model_path, check_not_input, check_output,
+from machinery.flags import iterate_args, stage_argv
+from machinery.launch import launcher, log_time, run_stage, stages_in_process
+from machinery.lm import check_model_files, checked_prompt_ids, load_tokenizer, model_context, prompt_text
+from machinery.records import (InputError, atomic_write, cache_root, check_model_path, check_not_input, check_output,
                      check_work_dir, content_stamp, exclusive_lock, fail_with, load_prompts, looks_like_path, make_work_dir,
                      one_line_errors, path_stamp, read_records, run_info, write_json, write_records)
 
 HERE = Path(__file__).resolve().parent
 # settings a run directory can be resumed with when they change: how the work runs, not what it computes
 RESUME_FREE = ("dry_run", "nproc_per_node", "run_dir", "save_every", "in_process")
-WORLD_CODE = ("lm.py", "records.py")  # what a built-in world is built with, besides its own module
+WORLD_CODE = ("machinery/lm.py", "machinery/records.py")  # what a built-in world is built with, besides its own module
 
 
 def main(argv=None):
@@ -129,7 +129,7 @@ def check_inputs(args, config):
     settings and inputs the same as before once a stage has finished), the judge, the model, every
     prompt of every iteration's slice and the schedule it trains with, the eval prompts. Returns
     (the slices, the eval prompts, the content stamps of the inputs); bad input exits 2 with one line."""
-    from judges import judge_factory
+    from machinery.judges import judge_factory
     from train import check_schedule
     run_dir = args.run_dir
     try:
@@ -215,7 +215,7 @@ def report(args, world, stage, models, timings):
             export_alpaca_eval(ranked, it / f"model_outputs_best_of_{n}.json", f"{run_dir.name}-iter{t}-best-of-{n}")
     if world is not None and not args.dry_run:
         from generate import sampler
-        from vllm_backend import close_engine
+        from machinery.vllm_backend import close_engine
         t0 = time.time()
         rows = world["module"].evaluate(models, world, run_dir, final=t == args.iterations,  # samples with --backend
                                         sample=sampler(args.backend, args.dtype, args.kv_cache_gib, args.enforce_eager))

@@ -26,11 +26,11 @@ import sys
 import torch
 from tqdm import tqdm
 
-from flags import rank_parser
-from judges import is_plugin, judge_factory, make_judge, plugin_call
-from launch import dist_env, run_sharded, watch_launcher
-from lm import load_tokenizer, prompt_text, templated_prompt_text
-from records import (InputError, check_not_input, check_output, check_work_dir, fail_with, one_line_errors, path_stamp,
+from machinery.flags import rank_parser
+from machinery.judges import is_plugin, judge_factory, make_judge, plugin_call
+from machinery.launch import dist_env, run_sharded, watch_launcher
+from machinery.lm import load_tokenizer, prompt_text, templated_prompt_text
+from machinery.records import (InputError, check_not_input, check_output, check_work_dir, fail_with, one_line_errors, path_stamp,
                      preference_matrix_problem, read_records)
 from sppo_loss import win_rates
 

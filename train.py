@@ -29,18 +29,18 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from tqdm import tqdm
 
-from checkpoint import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
-from flags import train_args
-from launch import dist_env, watch_launcher
-from lm import (LARGE_VOCAB, check_model_files, collate, cpu_lm_head, load_model, load_tokenizer, prompt_token_ids,
+from machinery.checkpoint import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
+from machinery.flags import train_args
+from machinery.launch import dist_env, watch_launcher
+from machinery.lm import (LARGE_VOCAB, check_model_files, collate, cpu_lm_head, load_model, load_tokenizer, prompt_token_ids,
                 response_token_ids, sequence_logps)
-from records import (InputError, check_model_path, check_not_input, check_output, check_work_dir, fail_with,
+from machinery.records import (InputError, check_model_path, check_not_input, check_output, check_work_dir, fail_with,
                      file_sha256, make_work_dir, one_line_errors, path_stamp, read_records, record_line, run_info,
                      write_json)
 from sppo_loss import preference_loss, responses_used
-from train_steps import (FEW_STEPS, NonFiniteError, check_schedule, data_order, longest, lr_factor, micro_batches_of,
+from machinery.train_steps import (FEW_STEPS, NonFiniteError, check_schedule, data_order, longest, lr_factor, micro_batches_of,
                          optimizer_step, padded_share)
-from train_metrics import (STEP_STATS, flops_per_token_terms, metrics_log, peak_tflops, progress_postfix, step_metrics,
+from machinery.train_metrics import (STEP_STATS, flops_per_token_terms, metrics_log, peak_tflops, progress_postfix, step_metrics,
                            step_tokens)
 
 

@@ -31,7 +31,7 @@ BENCH = "fsdp"
 
 def ranked_data(path, n_prompts, seed=0):
     """Prompts of 6 words and 4 responses of 56 words (~4 toy tokens a word): ~256-token sequences."""
-    from records import write_records
+    from machinery.records import write_records
     rng = random.Random(seed)
     write_records(path, [{"id": i, "prompt": _util.random_text(rng, 6),
                           "responses": [" " + _util.random_text(rng, 56) for _ in range(4)],
@@ -58,8 +58,8 @@ def main():
     root = Path(tempfile.mkdtemp(prefix="bench_fsdp_"))
     ranked_data(root / "ranked.jsonl", 8 * args.steps)
     import train
-    from lm import load_tokenizer
-    from records import read_records
+    from machinery.lm import load_tokenizer
+    from machinery.records import read_records
     examples, _ = train.build_examples(read_records(root / "ranked.jsonl", "ranked"), load_tokenizer(model), "sppo", 64, 320)
     tokens_per_step = sum(len(ex["prompt_ids"]) + len(r) for ex in examples for r in ex["response_ids"]) / args.steps
     rows = []

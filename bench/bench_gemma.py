@@ -33,7 +33,7 @@ CONTINUATIONS = [" was wonderful, and the staff were kind to us.", " was a compl
 def ranked_data(path, n_prompts, seed=0):
     import rank
     from worlds import sentiment
-    from records import write_records
+    from machinery.records import write_records
     rng = random.Random(seed)
     train, _ = sentiment.make_prompts()
     records = [dict(r, responses=rng.sample(CONTINUATIONS, 4), truncated=[False] * 4) for r in train[:n_prompts]]

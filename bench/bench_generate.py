@@ -23,7 +23,7 @@ import _util  # sets HF_HUB_OFFLINE, sys.path: before torch and the stages
 import torch  # noqa: E402
 
 import generate  # noqa: E402
-from lm import load_model, load_tokenizer, stop_token_ids  # noqa: E402
+from machinery.lm import load_model, load_tokenizer, stop_token_ids  # noqa: E402
 
 BENCH = "generate"
 

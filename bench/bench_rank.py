@@ -19,7 +19,7 @@ import _util  # sets HF_HUB_OFFLINE, sys.path: before torch and the stages
 
 import torch  # noqa: E402
 
-import judges  # noqa: E402
+from machinery import judges  # noqa: E402
 import rank  # noqa: E402
 
 import tiny_models  # noqa: E402

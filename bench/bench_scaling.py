@@ -39,10 +39,10 @@ def child(n, K, L, out_dir):
     import warnings
     warnings.filterwarnings("ignore")
     import generate
-    import judges
+    from machinery import judges
     import rank
     import train
-    from records import read_records, write_records
+    from machinery.records import read_records, write_records
     import bench_rank
     imports = time.perf_counter() - T_START
     world = _util.toy_world(sft_steps=1)
@@ -69,7 +69,7 @@ def child(n, K, L, out_dir):
     res["iteration_s"] = res["generate_s"] + res["rank_toy_s"] + res["train_s"]
     recs = read_records(out / "responses.jsonl", stage="responses")
     tok_counts = []
-    from lm import load_tokenizer
+    from machinery.lm import load_tokenizer
     tok = load_tokenizer(world["model"])
     for r in recs:
         tok_counts += [len(tok(y, add_special_tokens=False)["input_ids"]) for y in r["responses"]]

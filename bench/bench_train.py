@@ -37,7 +37,7 @@ import _util  # sets HF_HUB_OFFLINE, sys.path: before torch and the stages
 import torch  # noqa: E402
 
 import train  # noqa: E402
-from lm import collate, load_model, load_tokenizer  # noqa: E402
+from machinery.lm import collate, load_model, load_tokenizer  # noqa: E402
 from sppo_loss import preference_loss  # noqa: E402
 
 BENCH = "train"

@@ -38,8 +38,8 @@ def main():
     import importlib
 
     from generate import sampler
-    from lm import load_tokenizer, response_token_ids
-    from vllm_backend import close_engine, engine_kwargs, prepare_vllm_process, start_engine
+    from machinery.lm import load_tokenizer, response_token_ids
+    from machinery.vllm_backend import close_engine, engine_kwargs, prepare_vllm_process, start_engine
     world_module = importlib.import_module(f"worlds.{args.world}")
     world = world_module.build_world(_util.CACHE / f"{args.world}-world", seed=0)
     model = str(world["model"])

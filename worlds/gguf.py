@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from records import InputError
+from machinery.records import InputError
 
 
 def require(*modules, install):

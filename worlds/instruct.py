@@ -41,8 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lm import load_model, load_tokenizer, response_end_ids
-from records import InputError, build_once, cache_root, write_json, write_records
+from machinery.lm import load_model, load_tokenizer, response_end_ids
+from machinery.records import InputError, build_once, cache_root, write_json, write_records
 from worlds.gguf import convert, require
 from worlds.sentiment import distinct_2, sample_logps, win_probability  # the same sample statistics
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lm import collate, load_model, load_tokenizer, prompt_token_ids, response_token_ids, sequence_logps
-from records import InputError, build_once, write_json, write_records
+from machinery.lm import collate, load_model, load_tokenizer, prompt_token_ids, response_token_ids, sequence_logps
+from machinery.records import InputError, build_once, write_json, write_records
 from sppo_loss import prob_matrix_from_scores
 
 JUDGE_PACKAGES = "vaderSentiment afinn textblob"

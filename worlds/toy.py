@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lm import load_model, load_tokenizer, prompt_token_ids, response_token_ids
-from records import InputError, build_once, path_stamp, write_json, write_records
+from machinery.lm import load_model, load_tokenizer, prompt_token_ids, response_token_ids
+from machinery.records import InputError, build_once, path_stamp, write_json, write_records
 from theory import games
 
 FAMILIES = {  # category: (answers in roles A..E, kind)

@@ -19,9 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launch import shard_of
+from machinery.launch import shard_of
 from processes import in_process, process_tree
-from records import InputError, read_records, write_records
+from machinery.records import InputError, read_records, write_records
 
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = ["apple", "pear", "plum", "fig", "the", "a", "and", "with", "or", "fruit", "party"]
@@ -66,7 +66,7 @@ def tiny(tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(root / "model")
     for name, equal in (("equal", True), ("unequal", False)):
         write_records(root / f"{name}.jsonl", ranked_records(23, 4, equal))
-    from lm import prompt_token_ids, response_token_ids
+    from machinery.lm import prompt_token_ids, response_token_ids
     lengths = {len(prompt_token_ids(tok, r["prompt"]) + response_token_ids(tok, y, False))
                for r in read_records(root / "equal.jsonl", "ranked") for y in r["responses"]}
     assert len(lengths) == 1, lengths  # the "equal" data really has no padding

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sppo_loss as L
-from flags import LOSS_TYPES
+from machinery.flags import LOSS_TYPES
 from theory.games import multiplicative_weights_step
 
 

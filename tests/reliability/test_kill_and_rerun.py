@@ -12,7 +12,7 @@ import generate
 import rank
 from worlds import toy
 import train
-from records import write_records
+from machinery.records import write_records
 from processes import in_process, process_tree
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 import train
-from launch import shard_path
-from lm import load_tokenizer, prompt_token_ids, response_token_ids
-from records import path_stamp, write_records
+from machinery.launch import shard_path
+from machinery.lm import load_tokenizer, prompt_token_ids, response_token_ids
+from machinery.records import path_stamp, write_records
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -165,7 +165,7 @@ def test_ranks_exit_when_their_launcher_is_killed(tmp_path):
 def test_an_absent_input_is_stamped_as_nothing_not_as_the_current_directory(tmp_path, monkeypatch):
     """A run's or a shard's key stamps its inputs; an input not given ("" or None) is nothing, not
     Path("") = the current directory with every file below it."""
-    from records import content_stamp
+    from machinery.records import content_stamp
     monkeypatch.chdir(tmp_path)
     (tmp_path / "big.bin").write_bytes(b"x")
     assert path_stamp("") == content_stamp("") == content_stamp(None) == ""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import flags
+from machinery import flags
 from tools import sweep
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -145,7 +145,7 @@ def test_sweep_checks_every_cell_before_running_one(tmp_path):
 
 
 def test_stage_parsers_load_without_torch():
-    res = subprocess.run([sys.executable, "-c", "import sys, flags, iterate, records, launch, lm, tools.sweep; "
+    res = subprocess.run([sys.executable, "-c", "import sys, machinery.flags, iterate, machinery.records, machinery.launch, machinery.lm, tools.sweep; "
                           "print(sorted(m for m in sys.modules "
                           "if m.split('.')[0] in ('torch', 'transformers', 'datasets')))"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -156,7 +156,7 @@ def project_imports():
     """{module: the project's modules it imports} for every module of the project, read from its source."""
     import ast
     files = {str(p.relative_to(ROOT).with_suffix("")).replace("/", "."): p
-             for p in [*ROOT.glob("*.py"), *ROOT.glob("worlds/*.py"), *ROOT.glob("theory/*.py"), *ROOT.glob("tools/*.py")]}
+             for p in [*ROOT.glob("*.py"), *ROOT.glob("machinery/*.py"), *ROOT.glob("worlds/*.py"), *ROOT.glob("theory/*.py"), *ROOT.glob("tools/*.py")]}
     graph = {}
     for name, path in files.items():
         found = set()
@@ -173,8 +173,8 @@ def test_imports_point_one_way():
     """The math and the command lines import nothing of the project; no two modules import each other,
     directly or around a cycle, so every module can be read knowing only the ones below it."""
     graph = project_imports()
-    assert graph["flags"] == set() and graph["sppo_loss"] == set(), graph
-    assert {"generate", "rank", "train", "iterate", "lm", "records", "launch", "worlds.toy"} <= set(graph)
+    assert graph["machinery.flags"] == set() and graph["sppo_loss"] == set(), graph
+    assert {"generate", "rank", "train", "iterate", "machinery.lm", "machinery.records", "machinery.launch", "worlds.toy"} <= set(graph)
     done, path = set(), []
 
     def visit(m):

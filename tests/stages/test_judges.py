@@ -10,10 +10,10 @@ import json
 import pytest
 import torch
 
-import judges
+from machinery import judges
 import rank
 import tiny_models
-from lm import prompt_text
+from machinery.lm import prompt_text
 
 PROMPTS = [  # short texts: DeBERTa's relative attention is quadratic in length
     ("a", "which fruit suits the picnic", ["the apple", "a pear is soft", "fig", "i think you should bring a lime"]),

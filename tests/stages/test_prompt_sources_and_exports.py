@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-import flags
+from machinery import flags
 import generate
-import vllm_backend
-from launch import shard_of
-from lm import load_tokenizer, prompt_token_ids
-from records import InputError, load_prompts, read_records, write_records
+from machinery import vllm_backend
+from machinery.launch import shard_of
+from machinery.lm import load_tokenizer, prompt_token_ids
+from machinery.records import InputError, load_prompts, read_records, write_records
 
 ROOT = Path(__file__).resolve().parents[2]
 CHAT = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Which fruit suits the picnic?"}]

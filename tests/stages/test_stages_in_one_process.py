@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-import flags
+from machinery import flags
 import iterate
-import launch
+from machinery import launch
 import rank
-from records import InputError, write_records
+from machinery.records import InputError, write_records
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_RECORDS = {"responses.jsonl.info.json", "train_info.json", "metrics.jsonl", "timings.jsonl", "config.json"}  # times, argv

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from generate import generate_responses
-from lm import collate, cpu_lm_head, load_model, load_tokenizer, prompt_token_ids, response_token_ids, sequence_logps
-from records import InputError, read_records, write_records
+from machinery.lm import collate, cpu_lm_head, load_model, load_tokenizer, prompt_token_ids, response_token_ids, sequence_logps
+from machinery.records import InputError, read_records, write_records
 from worlds import toy
 
 ROOT = Path(__file__).resolve().parents[2]

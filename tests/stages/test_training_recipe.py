@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import train
-from lm import load_model, load_tokenizer, prompt_token_ids, response_token_ids
-from records import InputError, write_records
-from train_metrics import step_metrics, step_tokens
+from machinery.lm import load_model, load_tokenizer, prompt_token_ids, response_token_ids
+from machinery.records import InputError, write_records
+from machinery.train_metrics import step_metrics, step_tokens
 
 WORDS = ["apple", "pear", "plum", "fig", "the", "a", "and", "with", "or", "fruit", "party"]
 

@@ -22,7 +22,7 @@ def test_the_real_engine_tests_pass_in_the_vllm_environment():
 def test_a_kept_engine_is_reused_only_for_a_policy_of_the_same_shape(tmp_path):
     import json
 
-    from vllm_backend import reusable
+    from machinery.vllm_backend import reusable
 
     def model(name, **config):
         d = tmp_path / name

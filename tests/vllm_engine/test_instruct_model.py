@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lm import load_tokenizer, prompt_token_ids, response_end_ids, response_token_ids
-from vllm_backend import close_engine, engine_kwargs, generate_responses_vllm, prepare_vllm_process, start_engine
+from machinery.lm import load_tokenizer, prompt_token_ids, response_end_ids, response_token_ids
+from machinery.vllm_backend import close_engine, engine_kwargs, generate_responses_vllm, prepare_vllm_process, start_engine
 from worlds import instruct
 
 DECODING = dict(temperature=0.7, top_p=0.9, seed=4)

@@ -21,10 +21,10 @@ import pytest
 import torch
 
 from generate import filter_logits, generate_responses
-from lm import load_model, load_tokenizer, prompt_token_ids, response_end_ids, response_token_ids, row_seed, stop_token_ids
-from records import InputError
-from lm import model_context
-from vllm_backend import KEPT_LENGTH, close_engine, engine_kwargs, generate_responses_vllm, prepare_vllm_process, start_engine
+from machinery.lm import load_model, load_tokenizer, prompt_token_ids, response_end_ids, response_token_ids, row_seed, stop_token_ids
+from machinery.records import InputError
+from machinery.lm import model_context
+from machinery.vllm_backend import KEPT_LENGTH, close_engine, engine_kwargs, generate_responses_vllm, prepare_vllm_process, start_engine
 
 ROOT = Path(__file__).resolve().parents[2]
 

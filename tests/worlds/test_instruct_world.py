@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lm import templated_prompt_text
+from machinery.lm import templated_prompt_text
 from worlds import instruct
 
 

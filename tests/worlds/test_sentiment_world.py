@@ -12,8 +12,8 @@ import torch
 
 from worlds import gemma
 from worlds import sentiment
-from lm import load_tokenizer, prompt_token_ids, response_token_ids
-from records import InputError, read_records, write_records
+from machinery.lm import load_tokenizer, prompt_token_ids, response_token_ids
+from machinery.records import InputError, read_records, write_records
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -162,7 +162,7 @@ def test_logps_on_the_real_vocabulary_match_a_float64_reference(gemma_dir, gemma
     values and hidden-state gradients against log_softmax in float64 over the full logits."""
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
-    from lm import collate, cpu_lm_head, sequence_logps
+    from machinery.lm import collate, cpu_lm_head, sequence_logps
     model = AutoModelForCausalLM.from_pretrained(gemma_dir)
     model.get_input_embeddings().weight.requires_grad_(False)
     train, _ = sentiment.make_prompts()

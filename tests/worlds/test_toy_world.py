@@ -115,7 +115,7 @@ def test_answer_logps_with_a_shared_prompt_cache_match_whole_sequences(toy_world
     values and gradients must be those of scoring every (prompt, answer) sequence whole."""
     import torch
 
-    from lm import collate, load_model, load_tokenizer, sequence_logps
+    from machinery.lm import collate, load_model, load_tokenizer, sequence_logps
     tok, model = load_tokenizer(toy_world["model"]), load_model(toy_world["model"])
     train, held_out = toy.make_prompts()
     records = train[::97] + held_out[::29]  # templates of different lengths: left padding matters
@@ -140,7 +140,7 @@ def test_evaluate_scores_each_model_once_and_a_changed_model_again(toy_world, tm
 
     import torch
 
-    from lm import load_model
+    from machinery.lm import load_model
     mine = tmp_path / "model"
     shutil.copytree(toy_world["model"], mine)
     toy.SCORED.clear()
@@ -159,7 +159,7 @@ def test_sft_lr_is_constant_then_falls_linearly_to_zero(toy_world, monkeypatch):
     a straight line to 0 (checked against that closed form), and constant with decay_from = 1."""
     import torch
 
-    from lm import load_model, load_tokenizer
+    from machinery.lm import load_model, load_tokenizer
     tok = load_tokenizer(toy_world["model"])
     train, _ = toy.make_prompts()
     seen = []

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-import flags
+from machinery import flags
 import iterate
-from records import InputError, build_once
+from machinery.records import InputError, build_once
 from tools import sweep
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BUILDER = r'''
 import sys, time
 from pathlib import Path
-from records import build_once
+from machinery.records import build_once
 out, sleep = Path(sys.argv[1]), float(sys.argv[2])
 with build_once(out) as tmp:
     if tmp is not None:

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from records import InputError
+from machinery.records import InputError
 
 
 def longest(example):

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from records import InputError, atomic_write, file_sha256, write_json
+from machinery.records import InputError, atomic_write, file_sha256, write_json
 
 # flags that change how, not what, is computed (up to rounding): a checkpoint resumes across them
 RESUME_FREE = ("save_every", "micro_batch", "grad_checkpointing", "cpu_offload", "peak_tflops")

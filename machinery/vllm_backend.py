@@ -27,8 +27,8 @@ relies on in vLLM (0.32 / 0.33), and what follows:
 import os
 from importlib import metadata
 
-from lm import model_context, prompt_token_ids, row_seed, stop_token_ids
-from records import InputError
+from machinery.lm import model_context, prompt_token_ids, row_seed, stop_token_ids
+from machinery.records import InputError
 
 GiB = 1 << 30
 KEPT_LENGTH = 2048  # an engine's max_model_len at least (see engine_kwargs)

@@ -17,8 +17,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from flags import P_MODES
-from records import InputError
+from machinery.flags import P_MODES
+from machinery.records import InputError
 from sppo_loss import prob_matrix_from_scores
 
 PAIRRM_HUB_NAME = "llm-blender/PairRM"

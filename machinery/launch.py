@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from records import InputError, atomic_write, make_work_dir, pid_alive, write_records
+from machinery.records import InputError, atomic_write, make_work_dir, pid_alive, write_records
 
 
 def dist_env():

@@ -14,8 +14,8 @@ import re
 import weakref
 from pathlib import Path
 
-from flags import PROMPT_FORMATS
-from records import InputError, _fail, record_line
+from machinery.flags import PROMPT_FORMATS
+from machinery.records import InputError, _fail, record_line
 
 
 _TOKENIZERS = {}  # (directory, its tokenizer files' contents) -> the tokenizer loaded from them, in this process

@@ -1,0 +1,14 @@
+"""The machinery the five stages stand on; none of it is SPPO. The algorithm is in the files above
+this package: generate.py, rank.py, train.py, iterate.py and sppo_loss.py.
+
+Which module answers which question:
+  flags         what a stage's command line takes, its defaults (the paper's values), the presets
+  records       what a stage file holds and how it is checked; prompt sources; files written atomically
+  lm            how a model and its tokenizer load; chat templates; token ids; log pi(y | x) of a batch
+  judges        which judge rank.py builds (PairRM, a reward model, module:factory) and how it is called
+  launch        which rank this is and its share; how iterate.py starts a stage, and watches it
+  train_steps   which examples and which learning rate each of train.py's optimizer steps gets
+  train_metrics what train.py logs per step (metrics.jsonl, the progress bar)
+  checkpoint    train.py's resumable checkpoints (torch.distributed.checkpoint)
+  vllm_backend  generate.py's vLLM engine: its arguments, one seeded request per sample, its lifetime
+"""
