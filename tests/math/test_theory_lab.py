@@ -96,7 +96,7 @@ def test_transitive_both_converge_to_best_response():
         gaps[T] = lab.curves(P, pis)[1][-1]
     assert 1.8 < gaps[2000] / gaps[8000] < 2.2              # measured 1.99 (sqrt(4) = 2)
     # The learned exact-target updates do the same (deterministic; the sampled ones are not,
-    # a few runs of DPO and sppo_hard collapse on a wrong response: NOTES.md, theory lab, Collapse).
+    # a few runs of DPO and sppo_hard collapse on a wrong response: theory/README.md, "Collapse").
     rows, pis_l, _ = lab.run_learned({"transitive": P}, (1.0,), 300, methods=("fit_eta2", "fit_logz"))
     assert np.all(pis_l[-1, :, best] > 0.9999)
 

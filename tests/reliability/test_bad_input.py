@@ -1,6 +1,6 @@
 """Every kind of bad input is one clear error before any work: exit code 2, a line naming the
 file, line and field (or the flag), and nothing written. One case per kind, run in-process
-(each stage's main(argv)); the table in NOTES.md lists them."""
+(each stage's main(argv)); CASES below lists them."""
 import gzip
 import json
 
