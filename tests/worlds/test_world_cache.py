@@ -107,8 +107,8 @@ def test_sweep_cells_of_one_seed_share_the_world_and_other_code_gets_another(tmp
         dirs.setdefault(cell["seed"], set()).add(iterate.default_world_dir(args.preset, args.seed))
     assert len(dirs[0]) == len(dirs[1]) == 1 and dirs[0] != dirs[1]
     # another version of the world's code (or of a shared module it is built with) is another world
-    (tmp_path / "worlds").mkdir()
     for name in ("worlds/toy.py", *iterate.WORLD_CODE):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes((ROOT / name).read_bytes())
     monkeypatch.setattr(iterate, "HERE", tmp_path)
     assert iterate.default_world_dir("toy", 0) in dirs[0]
