@@ -258,7 +258,7 @@ def setup(args, tokenizer, examples, responses_cut, config, resume):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             torch.cuda.set_device(device)
-    torch.manual_seed(args.seed)  # iterate.py gives every iteration the run's --seed (its comment says why)
+    torch.manual_seed(args.seed)  # any sampling in the model; iterate.py passes every iteration the run's --seed
     random.seed(args.seed)
 
     # the model: fp32 master weights; FSDP2 shards each decoder layer, then the root

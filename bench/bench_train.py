@@ -117,7 +117,7 @@ def our_step(model, optimizer, scheduler, examples, ref_logps, pad_id, loss_type
     n = len(examples)
     micro_batches = train.micro_batches_of(list(range(n)), [1.0] * n, examples, ref_logps, micro_batch or n)
     sums = train.accumulate_gradients(model, micro_batches, 1 / n, pad_id, "cpu", loss_type=loss_type, eta=eta, beta=beta)
-    grad_norm, _ = train.optimizer_step(model, optimizer, scheduler, grad_clip)
+    grad_norm, _ = train.optimizer_step(model, optimizer, scheduler, grad_clip, step=0)  # step: named in a non-finite error
     return sums["loss"] / n, grad_norm
 
 
