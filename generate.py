@@ -28,8 +28,8 @@ from machinery.flags import generate_parser
 from machinery.launch import dist_env, run_sharded, watch_launcher
 from machinery.lm import (check_model_files, checked_prompt_ids, cpu_lm_head, load_model, load_tokenizer, model_context,
                 prompt_token_ids, row_seed, stop_token_ids)
-from machinery.records import (InputError, check_model_path, check_not_input, check_output, check_work_dir, fail_with,
-                     one_line_errors, path_stamp, read_records, run_info, write_json)
+from machinery.records import (InputError, check_model_path, check_not_input, check_output, check_work_dir, one_line_errors,
+                     path_stamp, read_records, run_info, write_json)
 from machinery.vllm_backend import engine_kwargs, generate_responses_vllm, prepare_vllm_process, start_engine
 
 
@@ -135,38 +135,43 @@ def main(argv=None):
     args = generate_parser(__doc__).parse_args(argv)  # the flags: flags.py
     watch_launcher()
     rank, world, local_rank = dist_env()
-    try:  # every rank checks paths and the whole file, so bad input stops all ranks alike, before any work
-        check_model_path(args.model)
-        check_output(args.out)
-        records = read_records(args.prompts, stage="prompts")
-        for out in (args.out, f"{args.out}.info.json", f"{args.out}.shards"):
-            check_not_input(out, {"--model": args.model, "--prompts": args.prompts})
-        check_work_dir(f"{args.out}.shards", "generate.py")
-        check_model_files(args.model)
-        context = model_context(args.model)  # a prompt must leave room for the new tokens
-        if context and args.max_new_tokens >= context:
-            raise InputError(f"--max_new_tokens {args.max_new_tokens}: the model takes only {context} tokens in all")
-        prompt_ids = checked_prompt_ids(records, load_tokenizer(args.model), args.prompts,
-                                        context and context - args.max_new_tokens,
-                                        f"the model's context ({context}) minus --max_new_tokens ({args.max_new_tokens})",
-                                        args.prompt_format)
-        if args.backend == "vllm":  # vLLM picks its device; no CUDA query before it starts
-            prepare_vllm_process(local_rank, world, args.tensor_parallel_size)
-            engine = engine_kwargs(args.model, max(map(len, prompt_ids)) + args.max_new_tokens, args.dtype,
-                                   args.kv_cache_gib, args.enforce_eager, args.seed, args.tensor_parallel_size,
-                                   engines=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    except InputError as e:
-        fail_with(e)
+    records, engine = check_inputs(args, world, local_rank)  # raises InputError: bad input stops every rank alike
     device = f"cuda:{local_rank}" if args.backend == "hf" and torch.cuda.is_available() else "cpu"
 
     def work(shard):  # the model is loaded only by a rank that has work left
-        return sample_responses(args.model, shard, args.K, args.backend, engine if args.backend == "vllm" else None,
-                                args.dtype, device, args.batch_size, "generate" if world == 1 else f"generate rank {rank}/{world}",
+        return sample_responses(args.model, shard, args.K, args.backend, engine, args.dtype, device, args.batch_size,
+                                "generate" if world == 1 else f"generate rank {rank}/{world}",
                                 args.prompt_format, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                 max_new_tokens=args.max_new_tokens, seed=args.seed)
     run_sharded(records, args.out, work, config=dict(vars(args), model=path_stamp(args.model)))
     if rank == 0:
         write_json(f"{args.out}.info.json", dict(run_info(vars(args)), world_size=world))
+
+
+def check_inputs(args, world, local_rank):
+    """The prompts, read and checked, and the vLLM engine's arguments (None with --backend hf).
+    Every rank checks paths and the whole file before any work, so bad input stops all ranks
+    alike: InputError, one line and exit 2 (records.one_line_errors)."""
+    check_model_path(args.model)
+    check_output(args.out)
+    records = read_records(args.prompts, stage="prompts")
+    for out in (args.out, f"{args.out}.info.json", f"{args.out}.shards"):
+        check_not_input(out, {"--model": args.model, "--prompts": args.prompts})
+    check_work_dir(f"{args.out}.shards", "generate.py")
+    check_model_files(args.model)
+    context = model_context(args.model)  # a prompt must leave room for the new tokens
+    if context and args.max_new_tokens >= context:
+        raise InputError(f"--max_new_tokens {args.max_new_tokens}: the model takes only {context} tokens in all")
+    prompt_ids = checked_prompt_ids(records, load_tokenizer(args.model), args.prompts,
+                                    context and context - args.max_new_tokens,
+                                    f"the model's context ({context}) minus --max_new_tokens ({args.max_new_tokens})",
+                                    args.prompt_format)
+    if args.backend != "vllm":
+        return records, None
+    prepare_vllm_process(local_rank, world, args.tensor_parallel_size)  # vLLM picks its device: no CUDA query before
+    return records, engine_kwargs(args.model, max(map(len, prompt_ids)) + args.max_new_tokens, args.dtype,
+                                  args.kv_cache_gib, args.enforce_eager, args.seed, args.tensor_parallel_size,
+                                  engines=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import hashlib
 import importlib
 import importlib.metadata
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -31,16 +30,14 @@ from pathlib import Path
 # inherits it; a user's setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from machinery.flags import iterate_args, stage_argv
+from machinery.flags import changed_settings, iterate_args, stage_argv
 from machinery.launch import launcher, log_time, run_stage, stages_in_process
 from machinery.lm import check_model_files, checked_prompt_ids, load_tokenizer, model_context, prompt_text
 from machinery.records import (InputError, atomic_write, cache_root, check_model_path, check_not_input, check_output,
-                     check_work_dir, content_stamp, exclusive_lock, fail_with, load_prompts, looks_like_path, make_work_dir,
+                     check_work_dir, content_stamp, exclusive_lock, load_prompts, looks_like_path, make_work_dir,
                      one_line_errors, path_stamp, read_records, run_info, write_json, write_records)
 
 HERE = Path(__file__).resolve().parent
-# settings a run directory can be resumed with when they change: how the work runs, not what it computes
-RESUME_FREE = ("dry_run", "nproc_per_node", "run_dir", "save_every", "in_process")
 WORLD_CODE = ("machinery/lm.py", "machinery/records.py")  # what a built-in world is built with, besides its own module
 
 
@@ -85,12 +82,14 @@ def iterations(args, world, slices, start):
         print(f"\n=== iteration {t}: pi_{t - 1} -> pi_{t} ===", flush=True)
         if not args.dry_run:
             write_if_changed(prompts, slices[t - 1])  # this iteration's fresh slice of the prompts
-        # 1. K responses per prompt from pi_{t-1}
+        # 1. K responses per prompt from pi_{t-1}; a seed of its own per iteration (t < 1000), so no two
+        # iterations or runs of other --seed draw the same samples for a prompt id (lm.row_seed)
         stage("generate", t, responses, model=models[-1], prompts=prompts, out=responses, seed=args.seed * 1000 + t)
         # 2. the judge's P(y_i > y_j | x) and the win rates P(y_i > pi_{t-1} | x)
         stage("rank", t, ranked, responses=responses, out=ranked,
               template_model=models[-1] if args.judge_prompt == "template" else None)
-        # 3. pi_t: the square-loss fit of pi_{t-1} exp(eta P(y > pi_{t-1})), reference pi_{t-1}
+        # 3. pi_t: the square-loss fit of pi_{t-1} exp(eta P(y > pi_{t-1})), reference pi_{t-1}; the run's own
+        # seed: it orders the examples (train.global_batch), and each iteration's examples are new ones
         stage("train", t, model / "train_info.json", model=models[-1], ranked=ranked, out=model, seed=args.seed)
         models.append(str(model))
         report(args, world, stage, models, timings)
@@ -110,15 +109,12 @@ def open_world(args):
         return None
     module = importlib.import_module(f"worlds.{args.preset}")
     t0 = time.time()
-    try:
-        check_run_dir(args.run_dir)  # before the build: a bad --run_dir is not found after it
-        if not args.world_dir:
-            check_output(cache_root(), "SPPO_CACHE", directory=True)
-        args.world_dir = Path(args.world_dir or default_world_dir(args.preset, args.seed)).resolve()
-        check_output(args.world_dir, "--world_dir", directory=True)
-        world = module.world_paths(args.world_dir) if args.dry_run else module.build_world(args.world_dir, seed=args.seed)
-    except InputError as e:
-        fail_with(e)
+    check_run_dir(args.run_dir)  # before the build: a bad --run_dir is not found after it
+    if not args.world_dir:
+        check_output(cache_root(), "SPPO_CACHE", directory=True)
+    args.world_dir = Path(args.world_dir or default_world_dir(args.preset, args.seed)).resolve()
+    check_output(args.world_dir, "--world_dir", directory=True)
+    world = module.world_paths(args.world_dir) if args.dry_run else module.build_world(args.world_dir, seed=args.seed)
     args.model, args.prompts = str(world["model"]), str(world["train_prompts"])
     args.judge, args.judge_path = world["judge"], world["judge_path"] and str(world["judge_path"])
     return dict(world, module=module, build_seconds=time.time() - t0)
@@ -128,35 +124,31 @@ def check_inputs(args, config):
     """Everything checked before anything is written: the run directory (ours, not an input, its
     settings and inputs the same as before once a stage has finished), the judge, the model, every
     prompt of every iteration's slice and the schedule it trains with, the eval prompts. Returns
-    (the slices, the eval prompts, the content stamps of the inputs); bad input exits 2 with one line."""
+    (the slices, the eval prompts, the content stamps of the inputs); bad input raises InputError."""
     from machinery.judges import judge_factory
     from train import check_schedule
     run_dir = args.run_dir
-    try:
-        check_run_dir(run_dir)
-        judge_factory(args.judge)  # a module:factory judge that does not import fails now, not after generate
-        if args.judge_path and not Path(args.judge_path).exists() and looks_like_path(args.judge_path):
-            raise InputError(f"--judge_path {args.judge_path}: not found")
-        check_model_path(args.model)
-        check_model_files(args.model)
-        slices = prompt_slices(args)
-        check_prompts_fit(args, slices)
-        for records in slices:  # as train.py will count its steps: none may be all at lr 0
-            total = math.ceil(len(records) / args.global_batch) * args.epochs
-            check_schedule(args, len(records), total, math.ceil(args.warmup_ratio * total))
-        eval_prompts = args.eval_prompts and load_prompts(args.eval_prompts, args.prompt_split, args.prompt_column)
-        if eval_prompts:
-            eval_prompts = eval_prompts[:args.eval_max]
-            check_eval_prompts_fit(args, eval_prompts)
-        for flag, path in [("--model", args.model), ("--eval_prompts", args.eval_prompts), ("--judge_path", args.judge_path),
-                           ("--world_dir", args.world_dir)] + [("--prompts", p) for p in args.prompts.split(",")]:
-            check_not_input(run_dir, {flag: path}, "--run_dir")
-        stamps = {"--model": path_stamp(args.model), "--judge_path": content_stamp(args.judge_path or ""),
-                  "--prompts": [content_stamp(s) for s in args.prompts.split(",")],
-                  "--eval_prompts": content_stamp(args.eval_prompts or "")}
-        check_same_settings(run_dir, config, stamps)
-    except InputError as e:
-        fail_with(e)
+    check_run_dir(run_dir)
+    judge_factory(args.judge)  # a module:factory judge that does not import fails now, not after generate
+    if args.judge_path and not Path(args.judge_path).exists() and looks_like_path(args.judge_path):
+        raise InputError(f"--judge_path {args.judge_path}: not found")
+    check_model_path(args.model)
+    check_model_files(args.model)
+    slices = prompt_slices(args)
+    check_prompts_fit(args, slices)
+    for records in slices:  # as train.py will count its steps: none may be all at lr 0
+        check_schedule(args, len(records))
+    eval_prompts = args.eval_prompts and load_prompts(args.eval_prompts, args.prompt_split, args.prompt_column)
+    if eval_prompts:
+        eval_prompts = eval_prompts[:args.eval_max]
+        check_eval_prompts_fit(args, eval_prompts)
+    for flag, path in [("--model", args.model), ("--eval_prompts", args.eval_prompts), ("--judge_path", args.judge_path),
+                       ("--world_dir", args.world_dir)] + [("--prompts", p) for p in args.prompts.split(",")]:
+        check_not_input(run_dir, {flag: path}, "--run_dir")
+    stamps = {"--model": path_stamp(args.model), "--judge_path": content_stamp(args.judge_path or ""),
+              "--prompts": [content_stamp(s) for s in args.prompts.split(",")],
+              "--eval_prompts": content_stamp(args.eval_prompts or "")}
+    check_same_settings(run_dir, config, stamps)
     return slices, eval_prompts, stamps
 
 
@@ -171,15 +163,8 @@ def hold_run_dir(run_dir):
     """Make the run directory (marked as ours) and hold its lock for the block: a second iterate.py
     on it is refused, not run against the first."""
     make_work_dir(run_dir, "iterate.py")
-    lock = exclusive_lock(run_dir / ".lock", f"{run_dir}: another iterate.py is running in this directory")
-    try:
-        lock.__enter__()
-    except InputError as e:
-        fail_with(e)
-    try:
+    with exclusive_lock(run_dir / ".lock", f"{run_dir}: another iterate.py is running in this directory"):
         yield
-    finally:
-        lock.__exit__(None, None, None)
 
 
 def write_if_changed(path, records):
@@ -292,7 +277,7 @@ FINISHED = ("iter*/responses.jsonl", "iter*/ranked.jsonl", "iter*/model/train_in
 
 def check_same_settings(run_dir, config, stamps):
     """A run directory that holds a finished stage (FINISHED) is resumed only with the settings that
-    made it (RESUME_FREE aside) and inputs of the same content (stamps: records.content_stamp):
+    made it (flags.RESUME_FREE aside) and inputs of the same content (stamps: records.content_stamp):
     otherwise its finished stages would be kept as if made with the new ones. One without takes
     the new settings."""
     config_path = run_dir / "config.json"
@@ -308,7 +293,7 @@ def check_same_settings(run_dir, config, stamps):
         if json.loads(json.dumps(stamp)) != saved_stamps.get(flag):
             raise InputError(f"{flag} {config[flag[2:]]}: its content changed since this run directory was made; "
                              f"give the old content, another --run_dir, or delete {run_dir}")
-    diff = sorted(k for k in set(saved) | set(config) if k not in RESUME_FREE and saved.get(k) != config.get(k))
+    diff = changed_settings(saved, config)
     if diff:
         details = "; ".join(f"--{k}: {saved.get(k)!r} in the run, {config.get(k)!r} now" for k in diff)
         raise InputError(f"{config_path}: this run directory was made with other settings ({details}). "

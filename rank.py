@@ -30,7 +30,7 @@ from machinery.flags import rank_parser
 from machinery.judges import is_plugin, judge_factory, make_judge, plugin_call
 from machinery.launch import dist_env, run_sharded, watch_launcher
 from machinery.lm import load_tokenizer, prompt_text, templated_prompt_text
-from machinery.records import (InputError, check_not_input, check_output, check_work_dir, fail_with, one_line_errors, path_stamp,
+from machinery.records import (InputError, check_not_input, check_output, check_work_dir, one_line_errors, path_stamp,
                      preference_matrix_problem, read_records)
 from sppo_loss import win_rates
 
@@ -98,36 +98,42 @@ def main(argv=None):
     args = rank_parser(__doc__).parse_args(argv)  # the flags: flags.py
     watch_launcher()
     rank, world, local_rank = dist_env()
+    records, judge_text = check_inputs(args)  # raises InputError: bad input stops every rank alike
     device = args.judge_device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    built = []  # the judge, once built
+    judge = None
 
     def work(shard):  # the judge is built only by a rank that has work left
-        built.append(make_judge(args.judge, args.judge_path, p_mode=args.p_mode, max_length=args.judge_max_length,
-                                batch_size=args.judge_batch_size, device=device))
-        return rank_records(shard, built[0], args.batch_size, desc="rank" if world == 1 else f"rank {rank}/{world}",
+        nonlocal judge
+        judge = make_judge(args.judge, args.judge_path, p_mode=args.p_mode, max_length=args.judge_max_length,
+                           batch_size=args.judge_batch_size, device=device)
+        return rank_records(shard, judge, args.batch_size, desc="rank" if world == 1 else f"rank {rank}/{world}",
                             judge_text=judge_text, name=args.judge)
-    try:  # every rank checks paths, judge and the whole file, so bad input stops all ranks alike, before any work
-        check_output(args.out)
-        judge_factory(args.judge)
-        judge_text = prompt_text
-        if args.judge_prompt == "template":
-            if not args.template_model:
-                raise InputError("--judge_prompt template needs --template_model (the policy's tokenizer)")
-            tokenizer = load_tokenizer(args.template_model)
-            if tokenizer.chat_template is None:
-                raise InputError(f"--template_model {args.template_model}: the tokenizer has no chat template")
-            judge_text = functools.partial(templated_prompt_text, tokenizer)
-        records = read_records(args.responses, stage="responses")
-        for out in (args.out, f"{args.out}.shards"):
-            check_not_input(out, {"--responses": args.responses, "--judge_path": args.judge_path,
-                                  "--template_model": args.template_model})
-        check_work_dir(f"{args.out}.shards", "rank.py")
-        run_sharded(records, args.out, work, config=dict(vars(args), judge_path=path_stamp(args.judge_path or "")))
-    except InputError as e:
-        fail_with(e)
-    if built and getattr(built[0], "cut", 0):
-        print(f"note: {built[0].cut} of {built[0].seen} responses were longer than the judge's limit; "
+    run_sharded(records, args.out, work, config=dict(vars(args), judge_path=path_stamp(args.judge_path or "")))
+    if getattr(judge, "cut", 0):
+        print(f"note: {judge.cut} of {judge.seen} responses were longer than the judge's limit; "
               "it judged their first part", file=sys.stderr)
+
+
+def check_inputs(args):
+    """The responses, read and checked, and judge_text(prompt): the prompt as the judge reads it.
+    Every rank checks paths, the judge and the whole file before any work, so bad input stops all
+    ranks alike: InputError, one line and exit 2 (records.one_line_errors)."""
+    check_output(args.out)
+    judge_factory(args.judge)
+    judge_text = prompt_text
+    if args.judge_prompt == "template":
+        if not args.template_model:
+            raise InputError("--judge_prompt template needs --template_model (the policy's tokenizer)")
+        tokenizer = load_tokenizer(args.template_model)
+        if tokenizer.chat_template is None:
+            raise InputError(f"--template_model {args.template_model}: the tokenizer has no chat template")
+        judge_text = functools.partial(templated_prompt_text, tokenizer)
+    records = read_records(args.responses, stage="responses")
+    for out in (args.out, f"{args.out}.shards"):
+        check_not_input(out, {"--responses": args.responses, "--judge_path": args.judge_path,
+                              "--template_model": args.template_model})
+    check_work_dir(f"{args.out}.shards", "rank.py")
+    return records, judge_text
 
 
 if __name__ == "__main__":

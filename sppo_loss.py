@@ -62,51 +62,10 @@ def best_and_worst(win_rate: torch.Tensor):
     return win_rate.argmax(dim=-1), win_rate.argmin(dim=-1)
 
 
-# ---- loss types for training and ablations -------------------------------------------------
-# Pair losses take the chosen (w) and rejected (l) logratios, shape [B], and return [B].
-
-
-def sppo_pair_loss(logratio_w, logratio_l, win_w, win_l, eta: float):
-    """`sppo`: the official loss on the best and worst of K, the two terms averaged (Eq. 4.6 each)."""
-    return 0.5 * (sppo_loss(logratio_w, win_w, eta) + sppo_loss(logratio_l, win_l, eta))
-
-
-def sppo_single_loss(logratio_w, logratio_l, p_wl, eta: float):
-    """`sppo_single`: targets +-eta * (P(y_w > y_l) - 1/2), i.e. pi_t reduced to the pair."""
-    return 0.5 * (sppo_loss(logratio_w, p_wl, eta) + sppo_loss(logratio_l, 1.0 - p_wl, eta))
-
-
-def sppo_hard_loss(logratio_w, logratio_l, eta: float):
-    """`sppo_hard`: TRL's hard-label form, P(y_w > y_l) = 1, with TRL's beta = 1/eta.
-
-    (logratio_w - eta/2)^2 + (logratio_l + eta/2)^2: TRL sums the terms (no factor 1/2).
-    """
-    return (logratio_w - 0.5 * eta) ** 2 + (logratio_l + 0.5 * eta) ** 2
-
-
-def dpo_loss(logratio_w, logratio_l, beta: float):
-    """`dpo` baseline (Rafailov et al. 2023): -log sigmoid(beta * (logratio_w - logratio_l))."""
-    return -F.logsigmoid(beta * (logratio_w - logratio_l))
-
-
-def ipo_loss(logratio_w, logratio_l, beta: float):
-    """`ipo` baseline (Azar et al. 2023): (logratio_w - logratio_l - 1/(2 beta))^2."""
-    return (logratio_w - logratio_l - 0.5 / beta) ** 2
-
-
-def sppo_all_loss(logratios, win_rate, eta: float):
-    """`sppo_all`: every one of the K samples with its own target, averaged over K.
-
-    logratios, win_rate: [B, K] -> [B]. Uses all of pi_t's samples, as Eq. 4.6 does in
-    expectation; the official code trains only the best and worst.
-    """
-    return sppo_loss(logratios, win_rate, eta).mean(dim=-1)
-
-
 def responses_used(loss_type: str, win_rate: torch.Tensor) -> torch.Tensor:
     """Which of the K responses a loss type trains on: [B, K] -> [B, R] indices.
 
-    R = K for `sppo_all`; otherwise R = 2, (best, worst).
+    R = K for `sppo_all`; otherwise R = 2, (best, worst): Algorithm 1's y_w and y_l.
     """
     if loss_type == "sppo_all":
         return torch.arange(win_rate.shape[-1]).expand(win_rate.shape)
@@ -114,14 +73,42 @@ def responses_used(loss_type: str, win_rate: torch.Tensor) -> torch.Tensor:
     return torch.stack([best, worst], dim=-1)
 
 
-def preference_loss(loss_type: str, *, logratios, win_rate, P, used, eta: float, beta: float):
-    """Per-prompt loss of any loss type, and what it pulls the trained responses towards.
+# ---- the loss of each --loss_type: Eq. 4.6 and the baselines --------------------------------------
+
+
+def preference_loss(loss_type: str, *, logratios, win_rate, P, used, eta, beta):
+    """Per-prompt loss of a loss type: [B].
 
     logratios: [B, R] log pi_theta(y|x) - log pi_t(y|x) of the responses `used` ([B, R] indices
-    into K, from `responses_used`); win_rate: [B, K]; P: [B, K, K]. eta scales the SPPO targets,
-    beta is DPO's and IPO's. Returns (loss [B], stats), stats a dict of [B] tensors about the
-    chosen and rejected response: y_w and y_l for the pair losses, the best and worst of the K by
-    win rate for `sppo_all` (ties to the lowest index: with all win rates equal, one response twice):
+    into K, from `responses_used`: y_w and y_l for the pair losses, all K for `sppo_all`);
+    win_rate: [B, K]; P: [B, K, K]. eta is SPPO's step size, beta DPO's and IPO's. A loss type
+    reads only what it needs (the others may be None).
+    """
+    if loss_type == "sppo_all":  # Eq. 4.6 on every one of the K samples, averaged: the expectation over pi_t
+        return sppo_loss(logratios, win_rate.gather(-1, used), eta).mean(dim=-1)
+    logratio_w, logratio_l = logratios[:, 0], logratios[:, 1]
+    if loss_type == "sppo":  # Eq. 4.6 on y_w and on y_l, averaged: the official trainer's loss
+        win_w, win_l = win_rate.gather(-1, used).unbind(-1)
+        return 0.5 * (sppo_loss(logratio_w, win_w, eta) + sppo_loss(logratio_l, win_l, eta))
+    if loss_type == "sppo_single":  # Eq. 4.6 with pi_t reduced to the pair: win rates P(y_w > y_l), P(y_l > y_w)
+        p_wl = P[torch.arange(len(P), device=P.device), used[:, 0], used[:, 1]]
+        return 0.5 * (sppo_loss(logratio_w, p_wl, eta) + sppo_loss(logratio_l, 1.0 - p_wl, eta))
+    if loss_type == "sppo_hard":  # Eq. 4.6 with hard labels P(y_w > y_l) = 1, the terms summed: TRL's
+        return sppo_loss(logratio_w, 1.0, eta) + sppo_loss(logratio_l, 0.0, eta)  # sppo_hard, its beta = 1/eta
+    if loss_type == "dpo":  # DPO (Rafailov et al. 2023, arXiv 2305.18290, Eq. 7)
+        return -F.logsigmoid(beta * (logratio_w - logratio_l))
+    if loss_type == "ipo":  # IPO (Azar et al. 2023, arXiv 2310.12036): the difference pulled to 1/(2 beta)
+        return (logratio_w - logratio_l - 0.5 / beta) ** 2
+    raise ValueError(f"unknown loss_type {loss_type!r}")
+
+
+@torch.no_grad()
+def preference_stats(loss_type: str, *, logratios, win_rate, P, used, eta):
+    """What a loss type pulls the trained responses towards, for the log (no gradient).
+
+    Arguments as preference_loss's. Returns a dict of [B] tensors about the chosen and rejected
+    response: y_w and y_l for the pair losses, the best and worst of the K by win rate for
+    `sppo_all` (ties to the lowest index: with all win rates equal, one response twice):
       logratio_chosen, logratio_rejected  their logratios;
       target_chosen, target_rejected      the logratio each one's loss term is smallest at,
                                           eta * (p - 1/2) (Eq. 4.6), p = its win rate (`sppo`,
@@ -135,27 +122,20 @@ def preference_loss(loss_type: str, *, logratios, win_rate, P, used, eta: float,
     rows = torch.arange(logratios.shape[0], device=logratios.device)
     wins = win_rate.gather(-1, used)  # [B, R]: P(y > pi_t | x) of the trained responses
     if loss_type == "sppo_all":
-        loss, targets = sppo_all_loss(logratios, wins, eta), sppo_target(wins, eta)
         chosen, rejected = best_and_worst(wins)  # positions in R (here R = K)
-    else:  # a pair loss on (y_w, y_l) = (best, worst): positions 0 and 1
+    else:  # (y_w, y_l) = (best, worst): positions 0 and 1
         chosen, rejected = torch.zeros_like(rows), torch.ones_like(rows)
-        logratio_w, logratio_l = logratios[:, 0], logratios[:, 1]
-        if loss_type == "sppo":
-            loss, targets = sppo_pair_loss(logratio_w, logratio_l, wins[:, 0], wins[:, 1], eta), sppo_target(wins, eta)
-        elif loss_type == "sppo_single":
-            p_wl = P[rows, used[:, 0], used[:, 1]]
-            loss = sppo_single_loss(logratio_w, logratio_l, p_wl, eta)
-            targets = sppo_target(torch.stack([p_wl, 1.0 - p_wl], dim=-1), eta)
-        elif loss_type == "sppo_hard":  # hard labels: P(y_w > y_l) = 1
-            loss = sppo_hard_loss(logratio_w, logratio_l, eta)
-            targets = sppo_target(wins.new_tensor([1.0, 0.0]).expand_as(wins), eta)
-        elif loss_type in ("dpo", "ipo"):
-            loss = (dpo_loss if loss_type == "dpo" else ipo_loss)(logratio_w, logratio_l, beta)
-            targets = torch.full_like(logratios, float("nan"))
-        else:
-            raise ValueError(f"unknown loss_type {loss_type!r}")
+    if loss_type in ("sppo", "sppo_all"):
+        targets = sppo_target(wins, eta)
+    elif loss_type == "sppo_single":
+        p_wl = P[rows, used[:, 0], used[:, 1]]
+        targets = sppo_target(torch.stack([p_wl, 1.0 - p_wl], dim=-1), eta)
+    elif loss_type == "sppo_hard":
+        targets = sppo_target(wins.new_tensor([1.0, 0.0]).expand_as(wins), eta)
+    else:  # dpo, ipo
+        targets = torch.full_like(logratios, float("nan"))
     preferred = wins[rows, chosen] > wins[rows, rejected]
     logratio_chosen, logratio_rejected = logratios[rows, chosen], logratios[rows, rejected]
-    return loss, {"logratio_chosen": logratio_chosen, "logratio_rejected": logratio_rejected,
-                  "target_chosen": targets[rows, chosen], "target_rejected": targets[rows, rejected],
-                  "preferred": preferred, "ordered": preferred & (logratio_chosen > logratio_rejected)}
+    return {"logratio_chosen": logratio_chosen, "logratio_rejected": logratio_rejected,
+            "target_chosen": targets[rows, chosen], "target_rejected": targets[rows, rejected],
+            "preferred": preferred, "ordered": preferred & (logratio_chosen > logratio_rejected)}

@@ -117,7 +117,7 @@ def our_step(model, optimizer, scheduler, examples, ref_logps, pad_id, loss_type
     n = len(examples)
     micro_batches = train.micro_batches_of(list(range(n)), [1.0] * n, examples, ref_logps, micro_batch or n)
     sums = train.accumulate_gradients(model, micro_batches, 1 / n, pad_id, "cpu", loss_type=loss_type, eta=eta, beta=beta)
-    grad_norm, _ = train.optimizer_step(model, optimizer, scheduler, grad_clip)
+    grad_norm, _ = train.optimizer_step(model, optimizer, scheduler, grad_clip, step=0)  # step: named in a non-finite error
     return sums["loss"] / n, grad_norm
 
 
@@ -226,8 +226,8 @@ def loss_agreement(trainer, model_dir, ref, trl_examples, eta, pad_id, freeze=Fa
     logratios = train.batch_logps(policy, exs, pad_id, "cpu") - ref_logps
     batch = dict(logratios=logratios, P=torch.stack([ex["P"] for ex in exs]), used=torch.stack([ex["used"] for ex in exs]),
                  win_rate=torch.stack([ex["win_rate"] for ex in exs]))  # win rates (1, 0): hard labels
-    hard_loss = preference_loss("sppo_hard", **batch, eta=eta, beta=0.1)[0].mean()
-    sppo_loss = preference_loss("sppo", **batch, eta=eta, beta=0.1)[0].mean()
+    hard_loss = preference_loss("sppo_hard", **batch, eta=eta, beta=0.1).mean()
+    sppo_loss = preference_loss("sppo", **batch, eta=eta, beta=0.1).mean()
     hard_loss.backward(retain_graph=True)
     our_grads = grads(policy)
     rel = lambda a, b: abs(a - b) / max(abs(b), 1e-12)  # noqa: E731

@@ -25,10 +25,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from machinery.flags import changed_settings
 from machinery.records import InputError, atomic_write, file_sha256, write_json
-
-# flags that change how, not what, is computed (up to rounding): a checkpoint resumes across them
-RESUME_FREE = ("save_every", "micro_batch", "grad_checkpointing", "cpu_offload", "peak_tflops")
 
 
 def barrier():
@@ -147,12 +145,12 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, rank):
 
 
 def check_resumable(path: Path, config):
-    """Resume only the run that wrote the checkpoint: same flags (but RESUME_FREE), data, world size."""
+    """Resume only the run that wrote the checkpoint: same flags (but flags.RESUME_FREE), data, world size."""
     saved = json.loads((path / "config.json").read_text())
     if saved.get("model_files") != config.get("model_files"):  # a list of (file, size, mtime): named, not printed
         raise InputError(f"--model {config['model']}: its files changed since the checkpoint {path} was written; "
                          f"delete {path.parent.parent} to start over")
-    diff = sorted(k for k in set(saved) | set(config) if k not in RESUME_FREE and saved.get(k) != config.get(k))
+    diff = changed_settings(saved, config)
     if diff:
         details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {config.get(k)!r}" for k in diff)
         raise InputError(f"{path}: checkpoint of a different run ({details}). Run with the same flags and "

@@ -14,6 +14,15 @@ PROMPT_FORMATS = ("auto", "chat", "plain")  # lm.prompt_token_ids
 LOSS_TYPES = ("sppo", "sppo_single", "sppo_hard", "sppo_all", "dpo", "ipo")  # sppo_loss.preference_loss
 P_MODES = ("pairwise", "scores")  # how rank.py's PairRM judge turns its logits into P
 DTYPES = ("auto", "float32", "bfloat16")
+# flags that change how the work runs, not what it computes (up to rounding): a run directory
+# (iterate.py) and a training checkpoint (checkpoint.py) are resumed across a change of these
+RESUME_FREE = ("dry_run", "nproc_per_node", "run_dir", "in_process", "save_every", "micro_batch", "grad_checkpointing",
+               "cpu_offload", "peak_tflops")
+
+
+def changed_settings(saved, now):
+    """The settings (keys of two configs) whose values differ, RESUME_FREE aside, sorted."""
+    return sorted(k for k in set(saved) | set(now) if k not in RESUME_FREE and saved.get(k) != now.get(k))
 
 
 # ---- value types: a bad value stops the command at parse time ("argument --flag: expected ..."), exit 2

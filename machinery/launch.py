@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from machinery.records import InputError, atomic_write, make_work_dir, pid_alive, write_records
+from machinery.records import InputError, atomic_write, make_work_dir, one_line_errors, pid_alive, write_records
 
 
 def dist_env():
@@ -154,16 +154,13 @@ def run_here(script, argv):
         Path("/proc/self/clear_refs").write_text("5")  # peak RSS from here on (Linux)
     except OSError:
         pass
-    try:
-        module.main(sys.argv[1:])
+    try:  # the handler the script runs under as its own process: bad input is one line and exit 2
+        one_line_errors(lambda: module.main(sys.argv[1:]))
         code = 0
     except SystemExit as e:  # fail_with's exit 2 after its one line, or sys.exit(message)
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
-    except InputError as e:  # a stage that left it uncaught: still one line
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        code = 2
     finally:
         sys.argv = saved[0]
         torch.set_rng_state(saved[1])

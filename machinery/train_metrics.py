@@ -5,9 +5,11 @@ example) and from the token counts of its micro-batches, outside the gradient co
 """
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 # what accumulate_gradients sums over a step's micro-batches, each weighted by the example's weight
 STEP_STATS = ("loss", "logratio_chosen", "logratio_rejected", "target_chosen", "target_rejected", "ordered",
@@ -70,10 +72,34 @@ def progress_postfix(m):
             "ordered": fmt(m["ordered_fraction"]), "tokens/s": f"{m['tokens_per_s']:.0f}", "mfu": fmt(m["mfu"])}
 
 
-def metrics_log(path: Path, start_step: int):
-    """metrics.jsonl opened for appending, holding the lines of the steps before start_step (those a
-    resumed checkpoint holds) and no later ones."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    kept = [line for line in (path.read_text().splitlines() if path.exists() else []) if json.loads(line)["step"] <= start_step]
-    path.write_text("".join(line + "\n" for line in kept))
-    return open(path, "a")
+class StepLog:
+    """What rank 0 reports of each optimizer step: a line of metrics.jsonl and the progress bar.
+    metrics.jsonl keeps the lines of the steps before start_step (those a resumed checkpoint
+    holds) and no later ones; on the other ranks nothing is written or shown."""
+
+    def __init__(self, path: Path, start_step, total_steps, flops_per_token, peak_flops, enabled):
+        self.flops_per_token, self.peak_flops, self.t0 = flops_per_token, peak_flops, time.time()
+        self.file = None
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            kept = [line for line in (path.read_text().splitlines() if path.exists() else [])
+                    if json.loads(line)["step"] <= start_step]
+            path.write_text("".join(line + "\n" for line in kept))
+            self.file = open(path, "a")
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", disable=not enabled)
+
+    def write(self, step, epoch, sums, seconds, lr, grad_norm):
+        """Step `step` (0-based) of `epoch`: its sums over all ranks and its wall time in seconds."""
+        if self.file is None:
+            return
+        m = step_metrics(sums, seconds, self.flops_per_token, self.peak_flops)
+        self.file.write(json.dumps({"step": step + 1, "epoch": epoch, **m, "lr": lr, "grad_norm": grad_norm,
+                                    "elapsed": time.time() - self.t0}) + "\n")
+        self.file.flush()
+        self.bar.set_postfix(progress_postfix(m))
+        self.bar.update(1)
+
+    def close(self):
+        self.bar.close()
+        if self.file is not None:
+            self.file.close()

@@ -30,8 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from theory.games import exploitability, multiplicative_weights_step, von_neumann_winner  # noqa: E402
-from sppo_loss import (best_and_worst, dpo_loss, ipo_loss, sppo_hard_loss, sppo_loss,  # noqa: E402
-                       win_rates)
+from sppo_loss import best_and_worst, preference_loss, sppo_loss, win_rates  # noqa: E402
 
 DTYPE = torch.float64   # the fits are compared to the exact update at 1e-9; float32 can't
 PAD = -1e6              # logit of a padding response: probability exactly 0 in float64
@@ -230,9 +229,13 @@ def _run_learned(games: dict, etas, T: int, K: int = 8, seeds: int = 8, seed: in
             e = eta[pr, 0]
 
             def pair_loss(lp):
-                lw, ll = lp[pr][ar_p, yw] - lw_ref, lp[pr][ar_p, yl] - ll_ref
-                return (m_hard[:, 0] * sppo_hard_loss(lw, ll, e) + m_ipo[:, 0] * ipo_loss(lw, ll, beta[:, 0])
-                        + m_dpo[:, 0] * dpo_loss(lw, ll, beta[:, 0])).sum()
+                logratios = torch.stack([lp[pr][ar_p, yw] - lw_ref, lp[pr][ar_p, yl] - ll_ref], dim=-1)
+
+                def loss(loss_type, eta=None, beta=None):  # the pair losses read no win rates
+                    return preference_loss(loss_type, logratios=logratios, win_rate=None, P=None, used=None,
+                                           eta=eta, beta=beta)
+                return (m_hard[:, 0] * loss("sppo_hard", eta=e) + m_ipo[:, 0] * loss("ipo", beta=beta[:, 0])
+                        + m_dpo[:, 0] * loss("dpo", beta=beta[:, 0])).sum()
             parts.append(pair_loss)
 
         theta = fit_step(theta, lambda lp: sum(f(lp) for f in parts), precond, lr, inner_steps)

@@ -67,25 +67,31 @@ def test_sppo_target_is_the_multiplicative_weights_step_up_to_a_constant():
 LW, LL, WW, WL, PWL, ETA, BETA = 1.0, -0.5, 0.7, 0.4, 0.8, 2.0, 0.5
 
 
-@pytest.mark.parametrize("name,fn,expected", [
-    ("sppo", lambda: L.sppo_pair_loss(torch.tensor([LW]), torch.tensor([LL]), torch.tensor([WW]), torch.tensor([WL]), ETA),
-     0.5 * ((1.0 - 2 * 0.2) ** 2 + (-0.5 - 2 * (-0.1)) ** 2)),
-    ("sppo_single", lambda: L.sppo_single_loss(torch.tensor([LW]), torch.tensor([LL]), torch.tensor([PWL]), ETA),
-     0.5 * ((1.0 - 2 * 0.3) ** 2 + (-0.5 + 2 * 0.3) ** 2)),
-    ("sppo_hard", lambda: L.sppo_hard_loss(torch.tensor([LW]), torch.tensor([LL]), ETA),
-     (1.0 - 1.0) ** 2 + (-0.5 + 1.0) ** 2),
-    ("dpo", lambda: L.dpo_loss(torch.tensor([LW]), torch.tensor([LL]), BETA), -math.log(sigmoid(0.5 * 1.5))),
-    ("ipo", lambda: L.ipo_loss(torch.tensor([LW]), torch.tensor([LL]), BETA), (1.5 - 1.0) ** 2),
+def one_pair(loss_type):
+    """preference_loss of the one prompt above: K = 2, y_w = 0 and y_l = 1 (win rates and P as given)."""
+    P = torch.tensor([[[0.5, PWL], [1 - PWL, 0.5]]])
+    return L.preference_loss(loss_type, logratios=torch.tensor([[LW, LL]]), win_rate=torch.tensor([[WW, WL]]), P=P,
+                             used=torch.tensor([[0, 1]]), eta=ETA, beta=BETA)
+
+
+@pytest.mark.parametrize("loss_type,expected", [
+    ("sppo", 0.5 * ((1.0 - 2 * 0.2) ** 2 + (-0.5 - 2 * (-0.1)) ** 2)),
+    ("sppo_single", 0.5 * ((1.0 - 2 * 0.3) ** 2 + (-0.5 + 2 * 0.3) ** 2)),
+    ("sppo_hard", (1.0 - 1.0) ** 2 + (-0.5 + 1.0) ** 2),
+    ("dpo", -math.log(sigmoid(0.5 * 1.5))),
+    ("ipo", (1.5 - 1.0) ** 2),
 ])
-def test_pair_losses_hand_computed(name, fn, expected):
-    assert fn().item() == pytest.approx(expected, rel=1e-6), name
+def test_pair_losses_hand_computed(loss_type, expected):
+    assert one_pair(loss_type).item() == pytest.approx(expected, rel=1e-6), loss_type
 
 
 def test_sppo_all_hand_computed():
     logratios = torch.tensor([[0.5, -1.0, 0.0]])
     win = torch.tensor([[0.6, 0.3, 0.6]])
     expected = ((0.5 - 0.2) ** 2 + (-1.0 + 0.4) ** 2 + (0.0 - 0.2) ** 2) / 3  # eta = 2
-    assert L.sppo_all_loss(logratios, win, 2.0).item() == pytest.approx(expected)
+    loss = L.preference_loss("sppo_all", logratios=logratios, win_rate=win, P=None, used=torch.tensor([[0, 1, 2]]),
+                             eta=2.0, beta=None)
+    assert loss.item() == pytest.approx(expected)
 
 
 def brute_force(loss_type, logratios, P, eta, beta):
@@ -141,7 +147,8 @@ def test_preference_loss_and_stats_brute_force(loss_type):
     used = L.responses_used(loss_type, win_rate)
     per_response = torch.randn(len(P), K, dtype=torch.float64, generator=gen)  # log pi_theta/pi_t of each y_k
     logratios = per_response.gather(-1, used)
-    loss, stats = L.preference_loss(loss_type, logratios=logratios, win_rate=win_rate, P=P, used=used, eta=eta, beta=beta)
+    loss = L.preference_loss(loss_type, logratios=logratios, win_rate=win_rate, P=P, used=used, eta=eta, beta=beta)
+    stats = L.preference_stats(loss_type, logratios=logratios, win_rate=win_rate, P=P, used=used, eta=eta)
     assert set(stats) == {"logratio_chosen", "logratio_rejected", "target_chosen", "target_rejected", "preferred", "ordered"}
     for b in range(len(P)):
         want = brute_force(loss_type, per_response[b].tolist(), P[b].tolist(), eta, beta)
@@ -161,8 +168,8 @@ def test_targets_are_where_the_loss_is_smallest(loss_type):
     P = random_preferences(5, 4, gen)
     win_rate = P.mean(-1)
     used = L.responses_used(loss_type, win_rate)
-    kw = dict(win_rate=win_rate, P=P, used=used, eta=2.0, beta=0.25)
-    _, stats = L.preference_loss(loss_type, logratios=torch.zeros(used.shape, dtype=torch.float64), **kw)
+    kw = dict(win_rate=win_rate, P=P, used=used, eta=2.0)
+    stats = L.preference_stats(loss_type, logratios=torch.zeros(used.shape, dtype=torch.float64), **kw)
     if loss_type == "sppo_all":
         at_target = 2.0 * (win_rate - 0.5)  # every response its own target; chosen / rejected are two of them
         assert torch.equal(stats["target_chosen"], at_target.max(-1).values)
@@ -173,11 +180,11 @@ def test_targets_are_where_the_loss_is_smallest(loss_type):
     else:
         at_target = torch.stack([stats["target_chosen"], stats["target_rejected"]], -1)
     at_target.requires_grad_(True)
-    loss, _ = L.preference_loss(loss_type, logratios=at_target, **kw)
+    loss = L.preference_loss(loss_type, logratios=at_target, **kw, beta=0.25)
     loss.sum().backward()
     assert loss.abs().max() < 1e-12 and at_target.grad.abs().max() < 1e-12
     with pytest.raises(ValueError):
-        L.preference_loss("nope", logratios=at_target, **kw)
+        L.preference_loss("nope", logratios=at_target, **kw, beta=0.25)
 
 
 def test_ties_give_best_equal_worst():

@@ -10,6 +10,7 @@ import generate
 import iterate
 import rank
 import train
+from machinery.records import one_line_errors
 
 PROMPT = {"id": "a", "prompt": "Which fruit suits the picnic?"}
 RESP = dict(PROMPT, responses=["apple", "pear"], truncated=[False, False])
@@ -203,7 +204,7 @@ def test_bad_input_is_one_clear_error(tmp_path, toy_world, capsys, case, stage, 
     argv = with_flags(base_args(stage, toy_world, tmp_path), flags, tmp_path)
     main = {"generate": generate.main, "rank": rank.main, "train": train.main, "iterate": iterate.main}[stage]
     with pytest.raises(SystemExit) as exit_:
-        main(argv)
+        one_line_errors(lambda: main(argv))  # as `python STAGE.py` runs it
     err = capsys.readouterr().err
     assert exit_.value.code == 2, err
     lines = [line for line in err.splitlines() if "error:" in line]

@@ -14,7 +14,7 @@ import pytest
 import train
 from machinery.launch import shard_path
 from machinery.lm import load_tokenizer, prompt_token_ids, response_token_ids
-from machinery.records import path_stamp, write_records
+from machinery.records import one_line_errors, path_stamp, write_records
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,9 +31,10 @@ def test_non_finite_step_stops_training_and_saves_nothing(tmp_path, toy_world, c
     --eta 1e30 overflows the loss to inf on the first."""
     src, out = tmp_path / "ranked.jsonl", tmp_path / "model"
     write_records(src, ranked())
+    argv = [str(a) for a in ["--model", toy_world["model"], "--ranked", src, "--out", out, "--epochs", "3",
+                             "--global_batch", "2", "--lr", "1e-4", "--eta", "10", flag, value]]
     with pytest.raises(SystemExit) as exit_:
-        train.main([str(a) for a in ["--model", toy_world["model"], "--ranked", src, "--out", out, "--epochs", "3",
-                                     "--global_batch", "2", "--lr", "1e-4", "--eta", "10", flag, value]])
+        one_line_errors(lambda: train.main(argv))  # as `python train.py` runs it
     err = capsys.readouterr().err
     assert exit_.value.code == 2, err
     assert "non-finite" in err and "nothing was saved" in err, err

@@ -1,7 +1,9 @@
 """iterate.py's command line: every stage flag reaches its stage, every default is declared once,
 and a bad value or choice stops the run in one line before torch loads or anything is written."""
 import argparse
+import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -154,7 +156,6 @@ def test_stage_parsers_load_without_torch():
 
 def project_imports():
     """{module: the project's modules it imports} for every module of the project, read from its source."""
-    import ast
     files = {str(p.relative_to(ROOT).with_suffix("")).replace("/", "."): p
              for p in [*ROOT.glob("*.py"), *ROOT.glob("machinery/*.py"), *ROOT.glob("worlds/*.py"), *ROOT.glob("theory/*.py"), *ROOT.glob("tools/*.py")]}
     graph = {}
@@ -173,6 +174,8 @@ def test_imports_point_one_way():
     """The math and the command lines import nothing of the project; no two modules import each other,
     directly or around a cycle, so every module can be read knowing only the ones below it."""
     graph = project_imports()
+    # the top level is the design: the four stages and the loss; everything else is in a package
+    assert sorted(p.name for p in ROOT.glob("*.py")) == ["generate.py", "iterate.py", "rank.py", "sppo_loss.py", "train.py"]
     assert graph["machinery.flags"] == set() and graph["sppo_loss"] == set(), graph
     assert {"generate", "rank", "train", "iterate", "machinery.lm", "machinery.records", "machinery.launch", "worlds.toy"} <= set(graph)
     done, path = set(), []
@@ -187,3 +190,36 @@ def test_imports_point_one_way():
             done.add(m)
     for m in graph:
         visit(m)
+
+
+def source_lines(path):
+    """{name: lines} of a module's top-level functions and classes (decorators, signature, docstring
+    and body), and "the docstring": the module docstring's lines."""
+    tree = ast.parse(path.read_text())
+    lines = {node.name: node.end_lineno - min([node.lineno] + [d.lineno for d in node.decorator_list]) + 1
+             for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    if ast.get_docstring(tree) is not None:
+        lines["the docstring"] = tree.body[0].end_lineno - tree.body[0].lineno + 1
+    return lines
+
+
+def test_readme_reading_order_is_what_the_source_holds():
+    """The README's reading order names files and functions that exist, with their line counts as
+    the source has them now, and states how many files and lines in all: edited code that changes a
+    count fails here until the README says the new one."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Reading order for one SPPO iteration\n")[1].split("\n## ")[0]
+    items = re.findall(r"^\d+\. `([\w/]+\.py)`: ([^()]+?) \((\d+) lines\)", section, flags=re.M)
+    assert items, section
+    total = 0
+    for path, listed, stated in items:
+        lines = source_lines(ROOT / path)
+        names = [re.sub(r"`", "", n.strip()) for n in listed.split(",")]
+        assert set(names) <= set(lines), (path, set(names) - set(lines))
+        counted = sum(lines[n] for n in names)
+        assert counted == int(stated), f"README: {path} {names} ({stated} lines); the source has {counted}"
+        total += counted
+    files, lines_in_all = re.search(r"^(\w+) files, [^:]*: (\d+) lines", section, flags=re.M).groups()
+    words = ["one", "two", "three", "four", "five", "six"]
+    assert files.lower() in words and words.index(files.lower()) + 1 == len(items) == len({p for p, _, _ in items})
+    assert int(lines_in_all) == total <= 460, (lines_in_all, total)

@@ -14,6 +14,7 @@ from machinery import judges
 import rank
 import tiny_models
 from machinery.lm import prompt_text
+from machinery.records import one_line_errors
 
 PROMPTS = [  # short texts: DeBERTa's relative attention is quadratic in length
     ("a", "which fruit suits the picnic", ["the apple", "a pear is soft", "fig", "i think you should bring a lime"]),
@@ -177,7 +178,7 @@ def test_plugin_judge_and_errors(tmp_path, models):
     for bad in (["--judge", "nonsense"], ["--judge", "reward"], ["--judge", "reward", "--judge_path", str(tmp_path)],
                 ["--judge", "pairrm", "--judge_path", str(models["pair_rm"])]):
         with pytest.raises(SystemExit) as e:
-            run_rank(tmp_path, PROMPTS[:1], *bad)
+            one_line_errors(lambda: run_rank(tmp_path, PROMPTS[:1], *bad))  # as `python rank.py` runs it
         assert e.value.code == 2, bad
 
 

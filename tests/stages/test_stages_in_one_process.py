@@ -100,6 +100,26 @@ def test_run_here_turns_what_a_stage_raises_into_an_exit_code(monkeypatch, capsy
     assert (says in err) if says else err == ""
 
 
+@pytest.mark.parametrize("traceback", ["1", None])
+def test_run_here_shows_the_traceback_as_a_stage_process_does(monkeypatch, capsys, traceback):
+    """SPPO_TRACEBACK=1 puts the traceback (with the error the InputError was raised from) before the
+    one line, in process as in a stage's own process (records.fail_with); without it, the line alone."""
+    def main(argv):
+        try:
+            int("x")
+        except ValueError as e:
+            raise InputError("judge my:judge failed") from e
+    monkeypatch.setattr(rank, "main", main)
+    if traceback:
+        monkeypatch.setenv("SPPO_TRACEBACK", traceback)
+    else:
+        monkeypatch.delenv("SPPO_TRACEBACK", raising=False)
+    code, _ = launch.run_here(ROOT / "rank.py", [])
+    err = capsys.readouterr().err
+    assert code == 2 and err.rstrip().splitlines()[-1] == "error: judge my:judge failed", err
+    assert ("Traceback" in err and "invalid literal for int()" in err) == bool(traceback), err
+
+
 def test_in_process_by_default_for_one_cpu_process_only(monkeypatch):
     import torch
     decide = lambda *argv: launch.stages_in_process(flags.iterate_args(list(argv)))  # noqa: E731
