@@ -27,7 +27,7 @@ relies on in vLLM (0.32 / 0.33), and what follows:
 import os
 from importlib import metadata
 
-from machinery.lm import model_context, prompt_token_ids, row_seed, stop_token_ids
+from machinery.lm import check_model_files, model_context, prompt_token_ids, row_seed, stop_token_ids
 from machinery.records import InputError
 
 GiB = 1 << 30
@@ -154,6 +154,9 @@ def start_engine(**kwargs):
     (unused: every request has its own), the cache size (the default follows the free memory) or a
     shorter max_model_len differ: the new weights are loaded
     into it and its prefix cache is emptied (the keys and values it holds are the old model's)."""
+    # vLLM loads what the files hold: a fresh engine leaves a missing weight random, a reload leaves
+    # the previous policy's tensor in place; neither says so
+    check_model_files(kwargs["model"])
     kept = KEPT.get("kwargs")
     if kept is not None and reusable(kept, kwargs):
         engine = KEPT["engine"]
