@@ -247,11 +247,14 @@ def test_greedy_generation_in_iterate_is_refused(tmp_path, toy_world, capsys):
 def test_a_run_killed_before_its_first_stage_resumes_only_with_its_settings(tmp_path, toy_world, capsys, monkeypatch):
     """Killed after pi_0's evaluation, in generate: the run directory holds pi_0's evaluation (made with
     the first run's settings); a resume with another --backend would keep it beside the new backend's."""
+    class Killed(Exception):
+        pass
+
     def killed(argv=None):
-        raise KeyboardInterrupt
+        raise Killed
     monkeypatch.setattr(generate, "main", killed)
     run = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         iterate.main(toy_run(world_dir_of(toy_world), run))
     assert (run / "eval.json").exists() and not (run / "iter1" / "responses.jsonl").exists()
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
@@ -260,5 +263,5 @@ def test_a_run_killed_before_its_first_stage_resumes_only_with_its_settings(tmp_
         iterate.main(toy_run(world_dir_of(toy_world), run, "--backend", "vllm"))
     one_error(capsys, exit_, "--backend: 'hf' in the run, 'vllm' now")
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == before
-    with pytest.raises(KeyboardInterrupt):  # the control: the same settings resume (and reach generate again)
+    with pytest.raises(Killed):  # the control: the same settings resume (and reach generate again)
         iterate.main(toy_run(world_dir_of(toy_world), run))
