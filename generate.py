@@ -30,7 +30,7 @@ from machinery.lm import (check_model_files, checked_prompt_ids, cpu_lm_head, lo
                 prompt_token_ids, row_seed, stop_token_ids)
 from machinery.records import (InputError, check_model_path, check_not_input, check_output, check_work_dir, one_line_errors,
                      path_stamp, read_records, run_info, write_json)
-from machinery.vllm_backend import engine_kwargs, generate_responses_vllm, prepare_vllm_process, start_engine
+from machinery.vllm_backend import check_engine_settings, engine_kwargs, generate_responses_vllm, prepare_vllm_process, start_engine
 
 
 def filter_logits(logits, top_k: int, top_p: float):
@@ -168,6 +168,7 @@ def check_inputs(args, world, local_rank):
                                     args.prompt_format)
     if args.backend != "vllm":
         return records, None
+    check_engine_settings(temperature=args.temperature)  # the engine's own limits, before it starts
     prepare_vllm_process(local_rank, world, args.tensor_parallel_size)  # vLLM picks its device: no CUDA query before
     return records, engine_kwargs(args.model, max(map(len, prompt_ids)) + args.max_new_tokens, args.dtype,
                                   args.kv_cache_gib, args.enforce_eager, args.seed, args.tensor_parallel_size,

@@ -17,6 +17,7 @@ Every flag of generate.py, rank.py and train.py is a flag of iterate.py too and 
 or --preset) changes some defaults: --dry-run prints the values a run gets and every command.
 """
 import contextlib
+import fnmatch
 import hashlib
 import importlib
 import importlib.metadata
@@ -33,9 +34,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from machinery.flags import changed_settings, iterate_args, stage_argv
 from machinery.launch import launcher, log_time, run_stage, stages_in_process
 from machinery.lm import check_model_files, checked_prompt_ids, load_tokenizer, model_context, prompt_text
-from machinery.records import (InputError, atomic_write, cache_root, check_model_path, check_not_input, check_output,
-                     check_work_dir, content_stamp, exclusive_lock, load_prompts, looks_like_path, make_work_dir,
-                     one_line_errors, path_stamp, read_records, run_info, write_json, write_records)
+from machinery.records import (BUILT, WORK_MARK, InputError, atomic_write, cache_root, check_built, check_model_path,
+                               check_not_input, check_output, check_work_dir, content_stamp, exclusive_lock,
+                               load_prompts, looks_like_path, make_work_dir, one_line_errors, path_stamp, read_records,
+                               run_info, write_json, write_records)
 
 HERE = Path(__file__).resolve().parent
 WORLD_CODE = ("machinery/lm.py", "machinery/records.py")  # what a built-in world is built with, besides its own module
@@ -46,6 +48,7 @@ def main(argv=None):
     args.in_process = stages_in_process(args)
     args.run_dir = Path(args.run_dir).resolve()
     start = time.time()
+    check_settings(args)  # what the flags alone decide, before a world is built
     world = open_world(args)  # a built-in world's model, prompts, judge and evaluator; None with --model
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     print(json.dumps(config, indent=2))
@@ -99,6 +102,29 @@ def iterations(args, world, slices, start):
 
 
 # ---- what the loop needs: a world, checked inputs, and reports on every policy ----------------------
+
+
+def check_settings(args):
+    """What the flags alone decide, checked before a world is built or the run directory written (and by
+    a sweep for each cell before the first runs): greedy sampling of K identical responses, the vLLM
+    engine's limits (vllm_backend.check_engine_settings), --eval_best_of against the samples a built-in
+    world's evaluation draws, and a built world's files (records.check_built)."""
+    from machinery.vllm_backend import check_engine_settings
+    if args.temperature == 0:
+        raise InputError(f"--temperature 0: greedy decoding gives each prompt {args.K} identical responses, which "
+                         "every judge ties: SPPO would learn nothing; give a temperature > 0")
+    if args.backend == "vllm":
+        check_engine_settings(args.tensor_parallel_size, args.kv_cache_gib, temperature=args.temperature,
+                              **({"eval_temperature": args.eval_temperature} if args.eval_prompts else {}))
+    if args.model is None:  # a built-in world
+        drawn = getattr(importlib.import_module(f"worlds.{args.preset}"), "EVAL_SAMPLES", 1)
+        if not args.eval_prompts and args.eval_best_of > drawn:
+            raise InputError(f"--eval_best_of {args.eval_best_of}: the {args.preset} world's evaluation draws "
+                             f"{drawn} sample{'s' * (drawn > 1)} per held-out prompt; give at most {drawn}, or "
+                             "--eval_prompts to draw N of each of those prompts")
+        world_dir = Path(args.world_dir or default_world_dir(args.preset, args.seed))
+        if (world_dir / BUILT).exists():
+            check_built(world_dir)
 
 
 def open_world(args):
@@ -272,16 +298,27 @@ def check_prompts_fit(args, slices):
                            args.prompt_format)
 
 
-FINISHED = ("iter*/responses.jsonl", "iter*/ranked.jsonl", "iter*/model/train_info.json", "iter*/eval_responses.jsonl")
+# What a run directory holds before any stage or evaluation has run: the run's record and inputs, its
+# timings, its marker and lock, a sweep's log of the cell. Anything else (a stage's output or shards,
+# a world's cached samples of pi_0, eval.json) is work made with the run's settings.
+BEFORE_WORK = ("config.json", "eval_prompts.jsonl", "timings.jsonl", ".lock", WORK_MARK, "sweep.log",
+               "iter*/prompts.jsonl", ".*.tmp*", "*/.*.tmp*")  # (temporaries of a killed writer: never reused)
+
+
+def holds_work(run_dir):
+    """Whether the run directory holds anything a stage or an evaluation wrote."""
+    return any(p.is_file() and not any(fnmatch.fnmatchcase(p.relative_to(run_dir).as_posix(), pattern)
+                                       for pattern in BEFORE_WORK) for p in run_dir.rglob("*"))
 
 
 def check_same_settings(run_dir, config, stamps):
-    """A run directory that holds a finished stage (FINISHED) is resumed only with the settings that
-    made it (flags.RESUME_FREE aside) and inputs of the same content (stamps: records.content_stamp):
-    otherwise its finished stages would be kept as if made with the new ones. One without takes
-    the new settings."""
+    """A run directory that holds any work (holds_work: a stage's output, pi_0's evaluation) is
+    resumed only with the settings that made it (flags.RESUME_FREE aside) and inputs of the same content
+    (stamps: records.content_stamp): otherwise that work would be kept as if made with the new
+    ones (pi_0's samples of one --backend beside pi_1's of another). One without takes the new
+    settings."""
     config_path = run_dir / "config.json"
-    if not config_path.exists() or not any(any(run_dir.glob(pattern)) for pattern in FINISHED):
+    if not config_path.exists() or not holds_work(run_dir):
         return
     try:
         record = json.loads(config_path.read_text())

@@ -48,38 +48,49 @@ def load_model(model_dir, dtype=None, device="cpu"):
     import torch
     from transformers import AutoModelForCausalLM
     dtype = torch.float32 if dtype is None else dtype
+    check_model_files(model_dir, flag="")  # transformers would load a missing weight as random numbers
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
     return model.to(device)
 
 
 def check_model_files(model_dir, flag="--model"):
-    """A local model directory's files, checked before any work: config.json is a config transformers
-    takes, every weight file's header reads and ends where the file does, each weight's shape is the
-    one config.json gives it, and the tokenizer's ids fit the embedding. (Without this, a damaged
-    directory is a traceback deep in loading or an IndexError in the forward, or worse: weights of
-    another shape silently re-initialised.) A hub name is not checked here."""
+    """A local model directory's files, checked before any work and before every load (HF, a fresh
+    vLLM engine, the kept engine's weight reload): config.json is a config transformers takes, every
+    weight file's header reads and ends where the file does, the weights are exactly the tensors
+    config.json's architecture has (none missing, none unknown), each of the shape config.json gives
+    it, and the tokenizer's ids fit the embedding. (Without this, a damaged directory is a traceback
+    deep in loading or an IndexError in the forward, or worse: a missing weight silently randomly
+    initialised by transformers and by a fresh vLLM engine, or left as the previous policy's by the
+    kept engine's reload.) A hub name is not checked here. flag: how the message names the directory."""
     import json
     import torch
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
     path = Path(model_dir)
+    where = f"{flag} {model_dir}".strip()
     if not path.is_dir():
         return
     try:
         config = AutoConfig.from_pretrained(path)
-        with torch.device("meta"):
-            shapes = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+        with torch.device("meta"):  # the architecture's tensors, no memory: state_dict holds no non-persistent buffer
+            model = AutoModelForCausalLM.from_config(config)
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     except Exception as e:  # transformers raises what the config's values make it raise (TypeError, ValueError, ...)
-        raise InputError(f"{flag} {model_dir}: config.json is not a model config transformers can build "
+        raise InputError(f"{where}: config.json is not a model config transformers can build "
                          f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
+    # a tied weight (an LM head tied to the embedding: Gemma-3, SmolLM2) is not saved, or saved as a copy
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    may_miss = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_missing", None) or []]
+    may_add = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+    found_in = {}  # weight name -> the file that holds it
     index = path / "model.safetensors.index.json"
     try:
         files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else \
             [p.name for p in path.glob("*.safetensors")]
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise InputError(f"{flag} {model_dir}: {index.name} is not a safetensors index ({e})") from e
+        raise InputError(f"{where}: {index.name} is not a safetensors index ({e})") from e
     if not files:
-        raise InputError(f"{flag} {model_dir}: no *.safetensors weights in it")
+        raise InputError(f"{where}: no *.safetensors weights in it")
     for name in files:
         weights = path / name
         try:
@@ -89,23 +100,32 @@ def check_model_files(model_dir, flag="--model"):
                 header = json.loads(f.read(header_len)) if 0 < header_len < size else None
             end = 8 + header_len + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
             if end != size:
-                raise InputError(f"{flag} {model_dir}: {name} is truncated or padded (its header says "
+                raise InputError(f"{where}: {name} is truncated or padded (its header says "
                                  f"{end} bytes, the file has {size})")
             with safe_open(weights, "pt") as f:
                 found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         except InputError:
             raise
         except Exception as e:  # a missing, empty or garbled file: OSError, SafetensorError, bad JSON
-            raise InputError(f"{flag} {model_dir}: {name} is not a readable safetensors file "
+            raise InputError(f"{where}: {name} is not a readable safetensors file "
                              f"({type(e).__name__}: {str(e).strip()[:200]})") from e
         for key, shape in found.items():
+            if key not in shapes and not any(p.search(key) for p in may_add):
+                raise InputError(f"{where}: {name}: {key} is not a tensor of the {type(model).__name__} "
+                                 f"config.json describes: the config and the weights disagree")
             if key in shapes and shapes[key] != shape:
-                raise InputError(f"{flag} {model_dir}: {name}: {key} has shape {list(shape)}, but config.json "
+                raise InputError(f"{where}: {name}: {key} has shape {list(shape)}, but config.json "
                                  f"makes it {list(shapes[key])}: the config and the weights disagree")
+            found_in[key] = name
+    missing = [k for k in shapes if k not in found_in and k not in tied and not any(p.search(k) for p in may_miss)]
+    if missing:
+        raise InputError(f"{where}: no weight file holds {missing[0]}" + (f" (nor {len(missing) - 1} more)" if
+                         len(missing) > 1 else "") + f", a tensor of the {type(model).__name__} config.json describes: "
+                         "it would be loaded as random numbers")
     rows = next((v[0] for k, v in shapes.items() if k.endswith("embed_tokens.weight")), None)
     vocab = load_tokenizer(path).get_vocab()
     if rows is not None and vocab and max(vocab.values()) >= rows:
-        raise InputError(f"{flag} {model_dir}: the tokenizer has token id {max(vocab.values())}, but the embedding "
+        raise InputError(f"{where}: the tokenizer has token id {max(vocab.values())}, but the embedding "
                          f"has {rows} rows")
 
 

@@ -383,15 +383,18 @@ def build_once(out_dir):
     A lock file beside it (removed when the build ends) makes a second builder wait for the first,
     then find out_dir built; the kernel drops the lock of a killed builder, and the next one deletes
     its half-built directory.
-    An out_dir that holds files but no BUILT is refused, not replaced.
+    An out_dir that holds files but no BUILT is refused, not replaced; so is a built one whose files
+    are no longer those it was built with (BUILT lists their sizes and sha256: check_built).
     """
     out_dir = Path(out_dir)
     if (out_dir / BUILT).exists():
+        check_built(out_dir)
         yield None
         return
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with held_lock_file(out_dir.with_name(f".{out_dir.name}.lock")):  # waits while another process builds
         if (out_dir / BUILT).exists():  # it did
+            check_built(out_dir)
             yield None
             return
         if out_dir.exists() and not out_dir.is_dir():
@@ -406,10 +409,30 @@ def build_once(out_dir):
             with named_os_errors(out_dir):
                 tmp.mkdir()
                 yield tmp
-                (tmp / BUILT).write_text("ok\n")
+                manifest = {p.relative_to(tmp).as_posix(): [p.stat().st_size, file_sha256(p)]
+                            for p in sorted(tmp.rglob("*")) if p.is_file()}
+                (tmp / BUILT).write_text(json.dumps(manifest, indent=0) + "\n")
                 os.replace(tmp, out_dir)  # onto nothing, or onto the empty directory checked above
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_built(out_dir):
+    """A directory build_once finished holds the files it was built with, unchanged (a file deleted,
+    cut or edited since would be read as the world's: a traceback or a wrong result later); a
+    damaged one is refused in one line. A build marked before BUILT listed its files is taken as it is."""
+    out_dir = Path(out_dir)
+    try:
+        manifest = json.loads((out_dir / BUILT).read_text())
+    except ValueError:
+        return
+    for name, (size, digest) in sorted(manifest.items()) if isinstance(manifest, dict) else ():
+        path = out_dir / name
+        how = "is missing" if not path.is_file() else f"is {path.stat().st_size} bytes, built as {size}" if \
+            path.stat().st_size != size else "changed" if file_sha256(path) != digest else None
+        if how:
+            raise InputError(f"{out_dir}: {name} {how} since the directory was built (see its {BUILT!r} file): "
+                             f"delete {out_dir} to build it again")
 
 
 def cache_root() -> Path:

@@ -27,7 +27,7 @@ relies on in vLLM (0.32 / 0.33), and what follows:
 import os
 from importlib import metadata
 
-from machinery.lm import model_context, prompt_token_ids, row_seed, stop_token_ids
+from machinery.lm import check_model_files, model_context, prompt_token_ids, row_seed, stop_token_ids
 from machinery.records import InputError
 
 GiB = 1 << 30
@@ -110,8 +110,7 @@ def engine_kwargs(model_dir, longest_sequence, dtype="auto", kv_cache_gib=None, 
     if kv_bytes is not None and kv_bytes < need:
         raise InputError(f"--kv_cache_gib {kv_bytes / GiB:.3g}: one sequence of {longest_sequence} tokens (the longest "
                          f"prompt + --max_new_tokens) needs {need / GiB:.3g} GiB in {dtype}")
-    if kv_bytes is not None and cpu and free is not None and kv_bytes > free:
-        raise InputError(f"--kv_cache_gib {kv_bytes / GiB:.3g}: only {free / GiB:.3g} GiB of RAM are free")
+    check_engine_settings(tensor_parallel_size, kv_bytes and kv_bytes / GiB, cpu)
     # room for sequences up to KEPT_LENGTH (within the context and the cache): a kept engine then serves
     # the next call too (other prompts, other max_new_tokens) without a restart
     roomy = min(KEPT_LENGTH, model_context(model_dir) or KEPT_LENGTH, kv_bytes // per_token if kv_bytes else KEPT_LENGTH)
@@ -120,6 +119,31 @@ def engine_kwargs(model_dir, longest_sequence, dtype="auto", kv_cache_gib=None, 
     return dict(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=seed,
                 tensor_parallel_size=tensor_parallel_size, trust_remote_code=False, max_model_len=max_model_len,
                 kv_cache_memory_bytes=kv_bytes, enforce_eager=enforce_eager, **unsplit_prompts)
+
+
+# vLLM's SamplingParams refuses temperatures above 2 and raises positive ones below 0.01 to 0.01
+# (vllm/sampling_params.py: _verify_args, _MAX_TEMP); top_p in (0, 1] and top_k >= 0 are the flags' own.
+TEMPERATURES = (0.01, 2.0)
+
+
+def check_engine_settings(tensor_parallel_size=1, kv_cache_gib=None, cpu=None, **temperatures):
+    """What the engine refuses only once started (20-100 s in), or would change without a word, checked
+    from the flags alone: tensor parallelism on a CPU (each rank's one engine gets its share of the
+    cores from prepare_vllm_process; vLLM's CPU workers would need a binding per worker), a KV
+    cache larger than the free RAM, and each temperature given (flag name -> value) against the
+    range vLLM samples at as asked (0 is greedy)."""
+    cpu = on_cpu() if cpu is None else cpu
+    if cpu and tensor_parallel_size > 1:
+        raise InputError(f"--tensor_parallel_size {tensor_parallel_size}: the CPU engine runs one worker per "
+                         "engine here; give 1 (and --nproc_per_node N for N engines)")
+    free = available_memory()
+    if cpu and kv_cache_gib is not None and free is not None and kv_cache_gib * GiB > free:
+        raise InputError(f"--kv_cache_gib {kv_cache_gib:.3g}: only {free / GiB:.3g} GiB of RAM are free")
+    low, high = TEMPERATURES
+    for flag, value in temperatures.items():
+        if value is not None and not (value == 0 or low <= value <= high):
+            raise InputError(f"--{flag} {value:g}: vLLM samples at temperatures from {low:g} to {high:g} "
+                             f"(or 0, greedy){'; it would raise this one to 0.01' if 0 < value < low else ''}")
 
 
 def kv_bytes_per_token(model_dir, dtype_bytes):
@@ -154,6 +178,9 @@ def start_engine(**kwargs):
     (unused: every request has its own), the cache size (the default follows the free memory) or a
     shorter max_model_len differ: the new weights are loaded
     into it and its prefix cache is emptied (the keys and values it holds are the old model's)."""
+    # vLLM loads what the files hold: a fresh engine leaves a missing weight random, a reload leaves
+    # the previous policy's tensor in place; neither says so
+    check_model_files(kwargs["model"])
     kept = KEPT.get("kwargs")
     if kept is not None and reusable(kept, kwargs):
         engine = KEPT["engine"]

@@ -42,6 +42,7 @@ import sys
 import time
 from pathlib import Path
 
+from iterate import check_settings
 from machinery.flags import iterate_args, iterate_parser, run_seed
 from machinery.records import (InputError, atomic_write, check_not_input, check_output, exclusive_lock, fail_with,
                      make_work_dir, one_line_errors, write_json)
@@ -403,7 +404,7 @@ def main(argv=None):
         todo, failed = cells(grid, seeds, args.iterate_args, combos), []
         if not args.aggregate_only:
             for cell in todo:  # a bad flag, value or choice anywhere in the grid: one line now (exit 2), no cell run
-                iterate_args(cell["args"])
+                check_settings(iterate_args(cell["args"]))  # and what the flags decide: engine limits, a world's files
             check_finished(todo, out)
             check_sweep_dir(out, grid, combos, args.iterate_args)
             for arg in args.iterate_args:  # the cells' inputs (the paths after --) are not to be written over

@@ -3,8 +3,10 @@ file, line and field (or the flag), and nothing written. One case per kind, run 
 (each stage's main(argv)); CASES below lists them."""
 import gzip
 import json
+import shutil
 
 import pytest
+import torch
 
 import generate
 import iterate
@@ -161,6 +163,23 @@ CASES = [
     ("max-prompt-length-equals-max-length", "train", jl(RANKED), ["--max_prompt_length", "96", "--max_length", "96"],
      "argument --max_length: 96 is not above --max_prompt_length 96"),
     ("iterate-unknown-flag", "iterate", jl(PROMPT), ["--learning_rate", "1e-4"], "unrecognized arguments: --learning_rate"),
+    # ---- round three: no checkpoint taken on trust, the engine's limits before it starts ----
+    ("model-missing-tensor", "generate", jl(PROMPT), ["--model", "TMP/model"],
+     "--model TMP/model: no weight file holds model.layers.1.mlp.down_proj.weight"),
+    ("train-model-missing-tensor", "train", jl(RANKED), ["--model", "TMP/model"],
+     "--model TMP/model: no weight file holds model.layers.1.mlp.down_proj.weight"),
+    ("iterate-model-missing-tensor", "iterate", jl(PROMPT), ["--model", "TMP/model"],
+     "--model TMP/model: no weight file holds model.layers.1.mlp.down_proj.weight"),
+    ("model-unknown-tensor", "generate", jl(PROMPT), ["--model", "TMP/model"],
+     "model.layers.9.mlp.up_proj.weight is not a tensor of the LlamaForCausalLM"),
+    ("vllm-temperature-above-2", "generate", jl(PROMPT), ["--backend", "vllm", "--temperature", "3"],
+     "--temperature 3: vLLM samples at temperatures from 0.01 to 2"),
+    ("iterate-vllm-temperature-above-2", "iterate", jl(PROMPT), ["--backend", "vllm", "--temperature", "3"],
+     "--temperature 3: vLLM samples at temperatures from 0.01 to 2"),
+    ("iterate-vllm-temperature-below-0.01", "iterate", jl(PROMPT), ["--backend", "vllm", "--temperature", "0.005"],
+     "--temperature 0.005: vLLM samples at temperatures from 0.01 to 2 (or 0, greedy); it would raise this one"),
+    ("iterate-greedy-identical-responses", "iterate", jl(PROMPT), ["--temperature", "0"],
+     "--temperature 0: greedy decoding gives each prompt 5 identical responses"),
 ]
 
 
@@ -197,6 +216,15 @@ def snapshot(root):
 def test_bad_input_is_one_clear_error(tmp_path, toy_world, capsys, case, stage, content, flags, expected):
     if content is not None:
         (tmp_path / "in.jsonl").write_bytes(content if isinstance(content, bytes) else content.encode())
+    if "-tensor" in case:  # a model whose files are valid but lack a tensor the architecture needs, or hold another
+        from safetensors.torch import load_file, save_file
+        shutil.copytree(toy_world["model"], tmp_path / "model")
+        tensors = load_file(tmp_path / "model" / "model.safetensors")
+        if "missing" in case:
+            del tensors["model.layers.1.mlp.down_proj.weight"]
+        else:
+            tensors["model.layers.9.mlp.up_proj.weight"] = torch.zeros(2, 2)
+        save_file(tensors, tmp_path / "model" / "model.safetensors", metadata={"format": "pt"})
     if case == "train-out-not-ours":
         (tmp_path / "mine").mkdir()
         (tmp_path / "mine" / "notes.txt").write_text("my notes\n")

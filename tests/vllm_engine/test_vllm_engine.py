@@ -261,6 +261,24 @@ def test_the_kept_engine_serves_the_next_policy(engine, toy_model, tok, hf_model
     assert vllm(engine, toy_model, tok, records, 1, **greedy) == generate_responses(hf_model, tok, records, 1, **greedy)
 
 
+def test_the_kept_engine_refuses_a_checkpoint_that_lacks_a_tensor(engine, toy_model, tok, hf_model, records,
+                                                                  other_policy, tmp_path):
+    """The next policy's files lack one layer's weight: the reload (vLLM loads what the files hold)
+    would leave the previous policy's tensor in place and sample a mix of the two. Refused before
+    the reload, naming the tensor; the engine still serves the policy it holds."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    bad = tmp_path / "next"
+    shutil.copytree(other_policy[0], bad)
+    tensors = load_file(bad / "model.safetensors")
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InputError, match=f"{bad}: no weight file holds model.layers.1.mlp.down_proj.weight"):
+        start_engine(**engine_kwargs(bad, MAX_LEN, kv_cache_gib=0.25, enforce_eager=True))
+    greedy = dict(temperature=0, max_new_tokens=8)
+    assert vllm(engine, toy_model, tok, records, 1, **greedy) == generate_responses(hf_model, tok, records, 1, **greedy)
+
+
 # ---- checks before an engine starts (no engine needed)
 
 
