@@ -28,7 +28,8 @@ import torch.distributed as dist
 from machinery.records import InputError, atomic_write, file_sha256, write_json
 
 # flags that change how, not what, is computed (up to rounding): a checkpoint resumes across them
-RESUME_FREE = ("save_every", "micro_batch", "grad_checkpointing", "cpu_offload", "peak_tflops")
+RESUME_FREE = ("save_every", "micro_batch", "grad_checkpointing", "cpu_offload", "peak_tflops",
+               "reduce_every_micro_batch")
 
 
 def barrier():

@@ -159,6 +159,9 @@ def train_parser(description=None):
                     help="recompute each decoder layer in backward")
     ap.add_argument("--cpu_offload", action=argparse.BooleanOptionalAction, default=False,
                     help="FSDP2 keeps parameters, grads, optimizer on CPU (torchrun, GPU)")
+    ap.add_argument("--reduce_every_micro_batch", action=argparse.BooleanOptionalAction, default=None,
+                    help="torchrun: reduce-scatter gradients at every micro-batch instead of once per step (default: "
+                         "so where the unsharded fp32 gradient FSDP2 keeps in between would not fit in memory)")
     ap.add_argument("--save_every", type=nonneg_int, default=0, help="resumable checkpoint every N steps and at the end (0: none)")
     ap.add_argument("--peak_tflops", type=positive_float, default=None,
                     help="peak TFLOP/s of one device, for the MFU estimate (default: known GPUs; none on CPU)")
