@@ -5,6 +5,7 @@ Each choice here answers a behaviour of torch.distributed (2.13) that only shows
 presets' sizes; the reasons are at each function.
 """
 import datetime
+import os
 
 import torch
 import torch.distributed as dist
@@ -107,8 +108,9 @@ def unsharded_grad_fits(n_params, n_trainable, world, optimizer, micro_tokens, v
 
     With set_requires_gradient_sync(False), FSDP2 keeps each parameter's gradient unsharded, in the
     reduce dtype (fp32), until the micro-batch that syncs (torch distributed/fsdp/_fully_shard/
-    _fsdp_param.py: FSDPParam.unsharded_accumulated_grad): 4 bytes x every trainable parameter on
-    every rank, not divided by the world size (gemma-2-9b: 37 GB per GPU). Reducing at every
+    _fsdp_param.py: FSDPParam.to_accumulated_grad_if_needed, unsharded_accumulated_grad; with fp32
+    compute the unsharded parameter's .grad itself): 4 bytes x every trainable parameter on every
+    rank, not divided by the world size (gemma-2-9b: 37 GB per GPU). Reducing at every
     micro-batch keeps only the sharded gradient, at the cost of one reduce-scatter per micro-batch
     instead of per step (overlapped with the backward). The estimate: that accumulator, plus the
     sharded training state, plus the largest micro-batch's logits (`micro_tokens` kept positions x
@@ -123,7 +125,6 @@ def unsharded_grad_fits(n_params, n_trainable, world, optimizer, micro_tokens, v
 
 def device_memory(device, local_world):
     """Bytes of memory one rank may use: its GPU's, or on the CPU a share of the host's RAM."""
-    import os
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // local_world
@@ -133,7 +134,6 @@ def sync_every_micro_batch(model, args, responses, world, device):
     """train.py's choice for this run: --reduce_every_micro_batch if given, else unsharded_grad_fits'
     estimate for `model` (before sharding). One rank's micro-batch holds at most micro_batch x
     `responses` sequences of max_length tokens."""
-    import os
     if args.reduce_every_micro_batch is not None:
         return args.reduce_every_micro_batch
     n_params = sum(p.numel() for p in model.parameters())
