@@ -320,7 +320,9 @@ def sequence_logps(model, batch, device=None):
     positions count is then worked out on the host, so the forward on a GPU waits for nothing
     (a boolean-mask index, nonzero() and int() of a GPU tensor each wait for the GPU to finish
     all queued work, to learn a size). The positions are taken in the same row-major order as
-    the mask's, so the result is the same bit for bit.
+    the mask's, so the result is the same bit for bit. (One wait is transformers' own: its SDPA
+    mask asks whether a padded batch's attention mask is all ones, masking_utils.py
+    _ignore_causal_mask_sdpa.)
     """
     import torch
     import torch.nn.functional as F
