@@ -41,9 +41,16 @@ def ranked_data(path, n_prompts, seed=0):
     """Prompts of 6 words and 4 responses of 56 words (~4 toy tokens a word): ~256-token sequences."""
     from machinery.records import write_records
     rng = random.Random(seed)
+
+    def preferences():  # P[a][b] + P[b][a] = 1, win rates its row means (as rank.py writes them)
+        P = [[0.5] * 4 for _ in range(4)]
+        for a in range(4):
+            for b in range(a + 1, 4):
+                P[a][b] = rng.random()
+                P[b][a] = 1 - P[a][b]
+        return {"P": P, "win_rate": [sum(row) / 4 for row in P]}
     write_records(path, [{"id": i, "prompt": _util.random_text(rng, 6),
-                          "responses": [" " + _util.random_text(rng, 56) for _ in range(4)],
-                          "P": [[0.5] * 4 for _ in range(4)], "win_rate": [rng.random() for _ in range(4)]}
+                          "responses": [" " + _util.random_text(rng, 56) for _ in range(4)], **preferences()}
                          for i in range(n_prompts)])
 
 
