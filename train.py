@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from machinery.checkpoint import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
 from machinery.flags import train_args
+from machinery.fsdp import init_process_group, load_for_sharding, shard_model, sync_every_micro_batch
 from machinery.launch import dist_env, watch_launcher
 from machinery.lm import (LARGE_VOCAB, check_model_files, collate, cpu_lm_head, load_model, load_tokenizer, prompt_token_ids,
                 response_token_ids, sequence_logps)
@@ -85,12 +86,11 @@ def build_examples(records, tokenizer, loss_type, max_prompt_length, max_length,
 def batch_logps(model, examples, pad_id, device):
     """log pi(y | x) of all R responses of every example, in one concatenated forward: -> [len(examples), R]."""
     pairs = [(ex["prompt_ids"], r) for ex in examples for r in ex["response_ids"]]
-    batch = {k: v.to(device) for k, v in collate(pairs, pad_id).items()}
-    return sequence_logps(model, batch).view(len(examples), -1)
+    return sequence_logps(model, collate(pairs, pad_id), device).view(len(examples), -1)  # the batch moves there
 
 
 def accumulate_gradients(model, micro_batches, scale, pad_id, device, *, loss_type, eta, beta,
-                         autocast=contextlib.nullcontext(), fsdp=False):
+                         autocast=contextlib.nullcontext(), fsdp=False, sync_every=False):
     """Forward and backward over micro-batches, gradients summed: d(scale * sum_b w_b loss_b)/d theta.
 
     micro_batches: (examples [B], ref_logps [B, R], weights [B]) each. Returns the weighted sums over
@@ -99,8 +99,8 @@ def accumulate_gradients(model, micro_batches, scale, pad_id, device, *, loss_ty
     sums = dict.fromkeys(STEP_STATS, 0.0)
     for n, (micro, ref, w) in enumerate(micro_batches):
         w = w.to(device)
-        if fsdp:  # reduce gradients only once per optimizer step
-            model.set_requires_gradient_sync(n == len(micro_batches) - 1)
+        if fsdp:  # reduce gradients once per optimizer step, or at each micro-batch (fsdp.sync_every_micro_batch)
+            model.set_requires_gradient_sync(sync_every or n == len(micro_batches) - 1)
         with autocast:
             logratios = batch_logps(model, micro, pad_id, device) - ref.to(device)  # log pi_theta/pi_t: [B, R]
         win_rate = torch.stack([ex["win_rate"] for ex in micro]).to(device)  # [B, K]: P(y_k > pi_t | x)
@@ -233,6 +233,7 @@ class Run:
     total_steps: int  # steps_per_epoch * --epochs
     flops_per_token: tuple  # (a, b): a training step on a sequence of n tokens costs a n + b n^2 FLOPs
     peak_flops: float  # the peak FLOP/s of all processes together, for MFU; 0 when unknown
+    sync_every: bool  # FSDP2 reduces gradients at every micro-batch, not once per step (fsdp.sync_every_micro_batch)
     autocast: contextlib.AbstractContextManager  # bf16 autocast of one process (FSDP2 casts by its policy)
     lm_head_layout: Callable  # () -> the context in which the LM head runs (lm.cpu_lm_head on a CPU, big vocab)
     start_step: int = 0  # the step training starts at: the checkpoint's, or 0 (train_loop sets it)
@@ -255,30 +256,23 @@ def setup(args, tokenizer, examples, responses_cut, config, resume):
     if rank == 0 and prompts_cut:
         print(f"warning: {prompts_cut} prompts cut to their last --max_prompt_length {args.max_prompt_length} tokens")
     if fsdp:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        init_process_group(device, args.cpu_offload)  # fsdp.py: the backend and timeout, and why
         if device.type == "cuda":
             torch.cuda.set_device(device)
     torch.manual_seed(args.seed)  # any sampling in the model; iterate.py passes every iteration the run's --seed
     random.seed(args.seed)
 
-    # the model: fp32 master weights; FSDP2 shards each decoder layer, then the root
-    model = load_model(args.model, dtype=torch.float32, device="cpu" if fsdp else device)
+    # the model: fp32 master weights
+    model = load_for_sharding(args.model, rank) if fsdp else load_model(args.model, dtype=torch.float32, device=device)
     model.config.use_cache = False
     flops_per_token = flops_per_token_terms(model, args.grad_checkpointing)  # before sharding: whole-model sizes
     if args.freeze_embeddings:  # with a large vocabulary, most of the parameters (Gemma-3-270M: 168M of 268M)
         model.get_input_embeddings().weight.requires_grad_(False)
     if args.grad_checkpointing:  # non-reentrant: the one that composes with FSDP2
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if fsdp:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-        mesh = init_device_mesh(device.type, (world,))
-        # bf16 compute, fp32 gradient reduction; the sharded parameters the optimizer sees stay fp32
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
-        offload = CPUOffloadPolicy() if args.cpu_offload else OffloadPolicy()
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload)
-        fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload)  # moves the shards to the device
+    sync_every = fsdp and sync_every_micro_batch(model, args, len(examples[0]["response_ids"]), world, device)
+    if fsdp:  # FSDP2 shards each decoder layer, then the root; rank 0's weights reach every rank
+        shard_model(model, world, device, bf16, args.cpu_offload)
 
     # the optimizer, built right after sharding (it must hold the sharded parameters), and the
     # schedule: HF's linear warmup from 0, then linear decay (or constant), as the official trainer
@@ -292,7 +286,8 @@ def setup(args, tokenizer, examples, responses_cut, config, resume):
         args=args, rank=rank, world_size=world, fsdp=fsdp, device=device, out=out,
         work_dir=out.with_name(out.name + ".tmp"), config=config, resume=resume, tokenizer=tokenizer, examples=examples,
         responses_cut=responses_cut, model=model, optimizer=optimizer, scheduler=scheduler,
-        steps_per_epoch=steps_per_epoch, total_steps=total_steps, flops_per_token=flops_per_token,
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps, sync_every=sync_every,
+        flops_per_token=flops_per_token,
         peak_flops=(args.peak_tflops or peak_tflops(device) or 0) * 1e12 * world,
         autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not fsdp),
         lm_head_layout=(lambda: cpu_lm_head(model)) if fast_head else contextlib.nullcontext)
@@ -343,7 +338,7 @@ def train_loop(run, ref_logps):
         with run.lm_head_layout():
             sums = accumulate_gradients(model, micro_batches, run.world_size / len(batch), run.tokenizer.pad_token_id,
                                         run.device, loss_type=args.loss_type, eta=args.eta, beta=args.beta,
-                                        autocast=run.autocast, fsdp=run.fsdp)
+                                        autocast=run.autocast, fsdp=run.fsdp, sync_every=run.sync_every)
         grad_norm, lr = optimizer_step(model, run.optimizer, run.scheduler, args.grad_clip, step)
         sums = summed_over_ranks(dict(sums, **step_tokens(micro_batches)), step, run.fsdp, run.device)
         log.write(step, step // run.steps_per_epoch, sums, time.time() - t_step, lr, grad_norm)

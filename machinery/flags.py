@@ -17,7 +17,7 @@ DTYPES = ("auto", "float32", "bfloat16")
 # flags that change how the work runs, not what it computes (up to rounding): a run directory
 # (iterate.py) and a training checkpoint (checkpoint.py) are resumed across a change of these
 RESUME_FREE = ("dry_run", "nproc_per_node", "run_dir", "in_process", "save_every", "micro_batch", "grad_checkpointing",
-               "cpu_offload", "peak_tflops")
+               "cpu_offload", "peak_tflops", "reduce_every_micro_batch")
 
 
 def changed_settings(saved, now):
@@ -168,6 +168,9 @@ def train_parser(description=None):
                     help="recompute each decoder layer in backward")
     ap.add_argument("--cpu_offload", action=argparse.BooleanOptionalAction, default=False,
                     help="FSDP2 keeps parameters, grads, optimizer on CPU (torchrun, GPU)")
+    ap.add_argument("--reduce_every_micro_batch", action=argparse.BooleanOptionalAction, default=None,
+                    help="torchrun: reduce-scatter gradients at every micro-batch instead of once per step (default: "
+                         "so where the unsharded fp32 gradient FSDP2 keeps in between would not fit in memory)")
     ap.add_argument("--save_every", type=nonneg_int, default=0, help="resumable checkpoint every N steps and at the end (0: none)")
     ap.add_argument("--peak_tflops", type=positive_float, default=None,
                     help="peak TFLOP/s of one device, for the MFU estimate (default: known GPUs; none on CPU)")

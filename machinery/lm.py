@@ -330,26 +330,34 @@ def collate(pairs, pad_id, padding_side="split"):
             "response_mask": response_mask, "position_ids": position_ids}
 
 
-def sequence_logps(model, batch):
+def sequence_logps(model, batch, device=None):
     """Summed log pi(response | prompt) per sequence: batch from `collate` -> [N] (fp32).
 
     Token t is scored from position t-1; a target counts only if it is a response token and
     the position predicting it is real (never a pad), whatever the padding side. The LM head
     runs only from the first position that predicts a response token (`logits_to_keep`).
+    With `device`, the batch is read where it is (collate's CPU tensors) and sent there: which
+    positions count is then worked out on the host, so the forward on a GPU waits for nothing
+    (a boolean-mask index, nonzero() and int() of a GPU tensor each wait for the GPU to finish
+    all queued work, to learn a size). The positions are taken in the same row-major order as
+    the mask's, so the result is the same bit for bit. (One wait is transformers' own: its SDPA
+    mask asks whether a padded batch's attention mask is all ones, masking_utils.py
+    _ignore_causal_mask_sdpa.)
     """
     import torch
     import torch.nn.functional as F
     predicts = (batch["response_mask"][:, 1:] * batch["attention_mask"][:, :-1]).bool()  # [N, L-1]: t predicts t+1
     first = int(predicts.any(0).int().argmax())  # 0 if no response token at all: then nothing counts
     keep = predicts.shape[1] - first + 1  # positions first .. L-1; the last one predicts nothing
-    mask = predicts[:, first:]  # [N, keep - 1]
-    targets = batch["input_ids"][:, first + 1:][mask]  # [n]
+    rows, cols = predicts[:, first:].nonzero(as_tuple=True)  # [n] each: the counted (sequence, kept position)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    if device is not None:
+        inputs, rows, cols = {k: v.to(device) for k, v in inputs.items()}, rows.to(device), cols.to(device)
+    targets = inputs["input_ids"][rows, cols + first + 1]  # [n]
     kwargs = {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"], use_cache=False, **kwargs).logits[:, -keep:-1]
-    token_logps = -F.cross_entropy(logits[mask].float(), targets, reduction="none")  # log pi(y_t | x, y_<t), fp32
-    rows = mask.nonzero(as_tuple=True)[0]
-    return torch.zeros(len(mask), dtype=torch.float32, device=token_logps.device).index_add(0, rows, token_logps)
+    logits = model(**inputs, use_cache=False, **kwargs).logits[:, -keep:-1]
+    token_logps = -F.cross_entropy(logits[rows, cols].float(), targets, reduction="none")  # log pi(y_t | x, y_<t), fp32
+    return torch.zeros(len(predicts), dtype=torch.float32, device=token_logps.device).index_add(0, rows, token_logps)
 
 
 # ---- speed: the LM head on the CPU ---------------------------------------------------------------
