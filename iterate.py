@@ -31,7 +31,7 @@ from pathlib import Path
 # inherits it; a user's setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from machinery.flags import iterate_args, stage_argv
+from machinery.flags import iterate_args, missing_package, stage_argv
 from machinery.launch import launcher, log_time, run_stage, stages_in_process
 from machinery.lm import check_model_files, checked_prompt_ids, load_tokenizer, model_context, prompt_text
 from machinery.records import (InputError, atomic_write, cache_root, check_model_path, check_not_input, check_output,
@@ -46,6 +46,8 @@ WORLD_CODE = ("machinery/lm.py", "machinery/records.py")  # what a built-in worl
 
 def main(argv=None):
     args = iterate_args(argv, __doc__)  # every flag and choice checked here, before torch loads
+    if not args.dry_run and missing_package(args):  # the judge's and the backend's: before a world or a run directory
+        fail_with(InputError(missing_package(args)))
     args.in_process = stages_in_process(args)
     args.run_dir = Path(args.run_dir).resolve()
     start = time.time()
@@ -218,7 +220,8 @@ def report(args, world, stage, models, timings):
         from machinery.vllm_backend import close_engine
         t0 = time.time()
         rows = world["module"].evaluate(models, world, run_dir, final=t == args.iterations,  # samples with --backend
-                                        sample=sampler(args.backend, args.dtype, args.kv_cache_gib, args.enforce_eager))
+                                        sample=sampler(args.backend, args.dtype, args.kv_cache_gib, args.enforce_eager,
+                                                               args.gpu_memory_utilization))
         if not args.in_process:  # the stages start engines of their own: this one would take their cores and memory
             close_engine()
         print("\nevaluation on the held-out prompts:\n" + world["module"].format_table(rows), flush=True)

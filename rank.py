@@ -26,7 +26,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from machinery.flags import rank_parser
+from machinery.flags import missing_package, rank_parser
 from machinery.judges import is_plugin, judge_factory, make_judge, plugin_call
 from machinery.launch import dist_env, run_sharded, watch_launcher
 from machinery.lm import load_tokenizer, prompt_text, templated_prompt_text
@@ -109,6 +109,8 @@ def main(argv=None):
     try:  # every rank checks paths, judge and the whole file, so bad input stops all ranks alike, before any work
         check_output(args.out)
         judge_factory(args.judge)
+        if missing_package(args):  # pairrm without llm-blender: now, not when the judge is built
+            raise InputError(missing_package(args))
         judge_text = prompt_text
         if args.judge_prompt == "template":
             if not args.template_model:
