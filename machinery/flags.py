@@ -323,7 +323,8 @@ def iterate_parser(description=None):
                     help="run each stage's main() in this process, not a process of its own (default: so with one "
                          "process and no GPU, where it saves each stage's imports and keeps one vLLM engine for the "
                          "whole run, its weights reloaded for each policy; apart on GPUs, so that vLLM's and "
-                         "training's memory are freed between stages, and under torchrun)")
+                         "training's memory are freed between stages, and under torchrun; given on a GPU, the kept "
+                         "engine is closed before rank and train)")
     ap.add_argument("--dry-run", dest="dry_run", action="store_true", help="print config and commands only")
     add_stage_flags(ap)
     return ap

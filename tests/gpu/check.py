@@ -268,7 +268,9 @@ def main():
         print("no CUDA device (torch.cuda.is_available() is False): the GPU check needs an NVIDIA GPU; nothing was run")
         sys.exit(NO_CUDA)
     work = Path(os.environ.get("SPPO_GPU_CHECK_DIR", ROOT / "runs" / "gpu-check")).resolve()
-    if work.exists():
+    if work.exists():  # a directory is replaced only if an earlier check made it
+        if any(work.iterdir()) and not (work / "check.log").exists():
+            sys.exit(f"error: SPPO_GPU_CHECK_DIR {work}: not empty and not made by the GPU check; give another")
         import shutil
         shutil.rmtree(work)
     work.mkdir(parents=True)
