@@ -221,7 +221,7 @@ def report(args, world, stage, models, timings):
         t0 = time.time()
         rows = world["module"].evaluate(models, world, run_dir, final=t == args.iterations,  # samples with --backend
                                         sample=sampler(args.backend, args.dtype, args.kv_cache_gib, args.enforce_eager,
-                                                               args.gpu_memory_utilization))
+                                                       args.gpu_memory_utilization))
         if not args.in_process:  # the stages start engines of their own: this one would take their cores and memory
             close_engine()
         print("\nevaluation on the held-out prompts:\n" + world["module"].format_table(rows), flush=True)

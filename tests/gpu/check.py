@@ -5,7 +5,7 @@
 What it runs, on GPU 0 (and GPUs 0-1 for the last check, with 2 or more):
   - the toy world and SmolLM2-135M-Instruct (built or converted once into the cache, on the CPU);
   - generate.py's HF backend on the GPU: Gumbel noise from CUDA generators, the same samples at two
-    batch sizes; rank.py on its output;
+    batch sizes (at least 95% equal: bf16 logits move slightly with the batch); rank.py on its output;
   - train.py under torchrun: FSDP2 with bf16 mixed precision, --grad_checkpointing, two micro-batches
     per step, resumable checkpoints; the same with --cpu_offload; the same killed (SIGKILL) after a
     checkpoint and run again, ending where the uninterrupted run ends;
@@ -100,7 +100,7 @@ def checks(work: Path, gpus: int):
               [generate("hf_a.jsonl", "--batch_size", "64"), generate("hf_b.jsonl", "--batch_size", "7"),
                [PY, "rank.py", "--responses", str(work / "hf_a.jsonl"), "--out", str(ranked), "--judge", "toy:ToyJudge",
                 "--judge_path", str(toy["judge_path"])]],
-              lambda: same_samples(work / "hf_a.jsonl", work / "hf_b.jsonl")),
+              lambda: agreement(work / "hf_a.jsonl", work / "hf_b.jsonl", 0.95)),
         Check("train.py: torchrun, FSDP2, bf16 mixed precision, --grad_checkpointing, checkpoints", [train("t1")],
               lambda: trained(work / "t1", model)),
         Check("train.py --cpu_offload", [train("t_offload", "--cpu_offload")],
@@ -140,20 +140,15 @@ def read(path):
     return read_records(path)
 
 
-def same_samples(a, b):
-    ra, rb = read(a), read(b)
-    assert ra == rb, f"{a.name} and {b.name} differ: the samples depend on the batch"
-    return f"{sum(len(r['responses']) for r in ra)} samples equal"
-
-
 def agreement(a, b, least):
     ra, rb = {r["id"]: r["responses"] for r in read(a)}, {r["id"]: r["responses"] for r in read(b)}
     assert ra.keys() == rb.keys(), f"{b.name}: other ids than {a.name}"
     pairs = [(x, y) for i in ra for x, y in zip(ra[i], rb[i])]
     share = sum(x == y for x, y in pairs) / len(pairs)
-    # bf16 logits depend slightly on the batch a request shares: a near tie can flip a sample
+    # bf16 logits depend slightly on the batch a row shares (its shapes, its padding): a near tie can
+    # flip a sample, so not all need be equal; a generator not fixed per (seed, id, k) flips most
     assert share >= least, f"only {share:.1%} of the samples equal between {a.name} and {b.name}"
-    return f"{share:.1%} of {len(pairs)} vLLM samples equal"
+    return f"{share:.1%} of {len(pairs)} samples equal"
 
 
 def weights(path):
