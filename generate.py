@@ -24,7 +24,7 @@ import os
 import torch
 from tqdm import tqdm
 
-from machinery.flags import generate_parser
+from machinery.flags import generate_parser, missing_package
 from machinery.launch import dist_env, run_sharded, watch_launcher
 from machinery.lm import (check_model_files, checked_prompt_ids, cpu_lm_head, load_model, load_tokenizer, model_context,
                 prompt_token_ids, row_seed, stop_token_ids)
@@ -49,16 +49,20 @@ def filter_logits(logits, top_k: int, top_p: float):
 
 
 class GumbelSampler:
-    """Logits processor: per-row generators turn greedy decoding into seeded sampling."""
+    """Logits processor: per-row generators turn greedy decoding into seeded sampling.
+
+    Each row's noise is drawn on its generator's device: generators on the model's device (a GPU's
+    own Philox generators) keep every draw there, with no host work or copy per row and step; a
+    GPU's draws differ from a CPU's for the same seed, each fixed per (seed, prompt id, k)."""
 
     def __init__(self, generators, temperature: float, top_k: int, top_p: float):
         self.generators, self.temperature, self.top_k, self.top_p = generators, temperature, top_k, top_p
 
     def __call__(self, input_ids, scores):
         logits = filter_logits(scores.float() / self.temperature, self.top_k, self.top_p)
-        gumbel = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in self.generators])
+        gumbel = torch.stack([torch.rand(logits.shape[-1], generator=g, device=g.device) for g in self.generators])
         gumbel.clamp_(1e-20, 1.0 - 1e-7).log_().neg_().log_().neg_()  # -log(-log u), in place: [N, V]
-        return logits + gumbel.to(logits.device)
+        return logits + gumbel
 
 
 @torch.no_grad()
@@ -82,7 +86,7 @@ def generate_responses(model, tokenizer, records, K, temperature=1.0, top_p=1.0,
         attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
         processors = LogitsProcessorList()
         if temperature > 0:
-            gens = [torch.Generator().manual_seed(row_seed(seed, records[i]["id"], k)) for i in idx for k in range(K)]
+            gens = [torch.Generator(device).manual_seed(row_seed(seed, records[i]["id"], k)) for i in idx for k in range(K)]
             processors.append(GumbelSampler(gens, temperature, top_k, top_p))
         with cpu_lm_head(model):  # the GEMM layout the CPU runs faster (lm.py); no change on a GPU
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
@@ -115,7 +119,7 @@ def sample_responses(model_dir, records, K, backend="hf", engine=None, dtype="au
                               prompt_format=prompt_format, **decoding)
 
 
-def sampler(backend="hf", dtype="auto", kv_cache_gib=None, enforce_eager=False):
+def sampler(backend="hf", dtype="auto", kv_cache_gib=None, enforce_eager=False, gpu_memory_utilization=None):
     """sample(model_dir, records, K, batch_size=16, desc=..., **decoding), as sample_responses with this
     backend on this process's device: how code outside this stage (a world's evaluation) samples with
     a run's --backend."""
@@ -125,7 +129,8 @@ def sampler(backend="hf", dtype="auto", kv_cache_gib=None, enforce_eager=False):
             prepare_vllm_process(0, 1, 1)
             tokenizer = load_tokenizer(model_dir)
             longest = max(len(prompt_token_ids(tokenizer, r["prompt"])) for r in records) + decoding.get("max_new_tokens", 128)
-            engine = engine_kwargs(model_dir, longest, dtype, kv_cache_gib, enforce_eager)
+            engine = engine_kwargs(model_dir, longest, dtype, kv_cache_gib, enforce_eager,
+                                   gpu_memory_utilization=gpu_memory_utilization)
         device = "cuda" if backend == "hf" and torch.cuda.is_available() else "cpu"
         return sample_responses(model_dir, records, K, backend, engine, dtype, device, batch_size, desc, **decoding)
     return sample
@@ -152,6 +157,8 @@ def check_inputs(args, world, local_rank):
     """The prompts, read and checked, and the vLLM engine's arguments (None with --backend hf).
     Every rank checks paths and the whole file before any work, so bad input stops all ranks
     alike: InputError, one line and exit 2 (records.one_line_errors)."""
+    if (missing := missing_package(args)):  # --backend vllm without vllm
+        raise InputError(missing)
     check_model_path(args.model)
     check_output(args.out)
     records = read_records(args.prompts, stage="prompts")
@@ -172,7 +179,8 @@ def check_inputs(args, world, local_rank):
     prepare_vllm_process(local_rank, world, args.tensor_parallel_size)  # vLLM picks its device: no CUDA query before
     return records, engine_kwargs(args.model, max(map(len, prompt_ids)) + args.max_new_tokens, args.dtype,
                                   args.kv_cache_gib, args.enforce_eager, args.seed, args.tensor_parallel_size,
-                                  engines=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+                                  engines=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+                                  gpu_memory_utilization=args.gpu_memory_utilization)
 
 
 if __name__ == "__main__":

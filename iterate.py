@@ -31,7 +31,7 @@ from pathlib import Path
 # inherits it; a user's setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from machinery.flags import changed_settings, iterate_args, stage_argv
+from machinery.flags import changed_settings, iterate_args, missing_package, stage_argv
 from machinery.launch import launcher, log_time, run_stage, stages_in_process
 from machinery.lm import check_model_files, checked_prompt_ids, load_tokenizer, model_context, prompt_text
 from machinery.records import (BUILT, WORK_MARK, InputError, atomic_write, cache_root, check_built, check_model_path,
@@ -106,10 +106,12 @@ def iterations(args, world, slices, start):
 
 def check_settings(args):
     """What the flags alone decide, checked before a world is built or the run directory written (and by
-    a sweep for each cell before the first runs): greedy sampling of K identical responses, the vLLM
+    a sweep for each cell before the first runs): the judge's and the backend's packages, greedy sampling of K identical responses, the vLLM
     engine's limits (vllm_backend.check_engine_settings), --eval_best_of against the samples a built-in
     world's evaluation draws, and a built world's files (records.check_built)."""
     from machinery.vllm_backend import check_engine_settings
+    if not args.dry_run and (missing := missing_package(args)):  # the judge's package and the backend's
+        raise InputError(missing)
     if args.temperature == 0:
         raise InputError(f"--temperature 0: greedy decoding gives each prompt {args.K} identical responses, which "
                          "every judge ties: SPPO would learn nothing; give a temperature > 0")
@@ -229,7 +231,8 @@ def report(args, world, stage, models, timings):
         from machinery.vllm_backend import close_engine
         t0 = time.time()
         rows = world["module"].evaluate(models, world, run_dir, final=t == args.iterations,  # samples with --backend
-                                        sample=sampler(args.backend, args.dtype, args.kv_cache_gib, args.enforce_eager))
+                                        sample=sampler(args.backend, args.dtype, args.kv_cache_gib, args.enforce_eager,
+                                                       args.gpu_memory_utilization))
         if not args.in_process:  # the stages start engines of their own: this one would take their cores and memory
             close_engine()
         print("\nevaluation on the held-out prompts:\n" + world["module"].format_table(rows), flush=True)

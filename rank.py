@@ -26,7 +26,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from machinery.flags import rank_parser
+from machinery.flags import missing_package, rank_parser
 from machinery.judges import is_plugin, judge_factory, make_judge, plugin_call
 from machinery.launch import dist_env, run_sharded, watch_launcher
 from machinery.lm import load_tokenizer, prompt_text, templated_prompt_text
@@ -120,6 +120,8 @@ def check_inputs(args):
     ranks alike: InputError, one line and exit 2 (records.one_line_errors)."""
     check_output(args.out)
     judge_factory(args.judge)
+    if (missing := missing_package(args)):  # pairrm without llm-blender: now, not when the judge is built
+        raise InputError(missing)
     judge_text = prompt_text
     if args.judge_prompt == "template":
         if not args.template_model:

@@ -8,7 +8,9 @@ preset lists only what it changes; a flag given on the command line wins over bo
 `python iterate.py --dry-run` prints the value each flag resolves to.
 """
 import argparse
+import importlib.util
 import math
+import sys
 
 PROMPT_FORMATS = ("auto", "chat", "plain")  # lm.prompt_token_ids
 LOSS_TYPES = ("sppo", "sppo_single", "sppo_hard", "sppo_all", "dpo", "ipo")  # sppo_loss.preference_loss
@@ -85,6 +87,9 @@ def generate_parser(description=None):
     ap.add_argument("--enforce_eager", action=argparse.BooleanOptionalAction, default=False,
                     help="vllm: no torch.compile or CUDA graphs (the engine starts sooner, decodes slower)")
     ap.add_argument("--tensor_parallel_size", type=positive_int, default=1, help="vllm: GPUs per engine")
+    ap.add_argument("--gpu_memory_utilization", type=probability, default=None,
+                    help="vllm on GPUs: the share of each GPU's total memory the engine takes at start (weights, "
+                         "activations, KV cache) and holds until it stops (default: vLLM's, 0.92)")
     return ap
 
 
@@ -178,6 +183,25 @@ def train_parser(description=None):
 
 
 STAGE_PARSERS = {"generate": generate_parser, "rank": rank_parser, "train": train_parser}
+
+
+# The package a flag's value imports when its stage runs (by import name), and where setup.sh puts it:
+# checked before any stage runs, so a missing one is one line at the start, not a traceback hours in
+# (the pairrm judge after the first generation, the vLLM backend after the run directory is made).
+PACKAGES = {("judge", "pairrm"): ("llm_blender", "bash setup.sh installs it (llm-blender, without its dependencies)"),
+            ("backend", "vllm"): ("vllm", "bash setup.sh installs it: on a GPU machine in .venv, on a CPU in .venv-vllm "
+                                          "(run with .venv-vllm/bin/python)")}
+
+
+def missing_package(args):
+    """One line naming the flag whose value needs a package this Python cannot import, or None.
+    find_spec looks the package up without importing it (no torch, no CUDA); one imported already
+    counts as there, and one set to None in sys.modules (import blocked) as missing."""
+    for (flag, value), (package, where) in PACKAGES.items():
+        there = sys.modules[package] is not None if package in sys.modules else importlib.util.find_spec(package)
+        if getattr(args, flag, None) == value and not there:
+            return f"--{flag} {value} needs the package {package}, which {sys.executable} cannot import; {where}"
+    return None
 
 
 # ---- iterate.py: its own flags, every stage flag forwarded, and the presets ----------------------
@@ -311,7 +335,8 @@ def iterate_parser(description=None):
                     help="run each stage's main() in this process, not a process of its own (default: so with one "
                          "process and no GPU, where it saves each stage's imports and keeps one vLLM engine for the "
                          "whole run, its weights reloaded for each policy; apart on GPUs, so that vLLM's and "
-                         "training's memory are freed between stages, and under torchrun)")
+                         "training's memory are freed between stages, and under torchrun; given on a GPU, the kept "
+                         "engine is closed before rank and train)")
     ap.add_argument("--dry-run", dest="dry_run", action="store_true", help="print config and commands only")
     add_stage_flags(ap)
     return ap

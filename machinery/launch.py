@@ -144,6 +144,10 @@ def run_here(script, argv):
     import random
 
     import torch
+
+    from machinery.vllm_backend import close_gpu_engine
+    if script.stem != "generate":  # the kept engine's GPU memory, for this stage's judge or model
+        close_gpu_engine()
     module = importlib.import_module(script.stem)
     if not gc.get_freeze_count():  # once: what lives now (imports, this run's state) stays, so the
         gc.collect()               # collection after each stage scans only what stages made
@@ -166,6 +170,8 @@ def run_here(script, argv):
         torch.set_rng_state(saved[1])
         random.setstate(saved[2])
         gc.collect()  # the stage's model is garbage now: free it before the next stage loads one
+        if torch.cuda.is_initialized():  # torch's allocator keeps freed blocks; a vLLM engine starting next
+            torch.cuda.empty_cache()     # counts only the GPU memory free to the driver (see close_gpu_engine)
     return code, peak_rss_kib(os.getpid())
 
 

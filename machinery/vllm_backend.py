@@ -78,13 +78,14 @@ def prepare_vllm_process(local_rank, world, tensor_parallel_size, cpu=None):
 
 
 def engine_kwargs(model_dir, longest_sequence, dtype="auto", kv_cache_gib=None, enforce_eager=False, seed=0,
-                  tensor_parallel_size=1, cpu=None, engines=1):
+                  tensor_parallel_size=1, cpu=None, engines=1, gpu_memory_utilization=None):
     """The engine's arguments (vllm.LLM), checked before it starts; bad values raise InputError.
 
     longest_sequence: the longest prompt + max_new_tokens: the KV cache must hold one such sequence
     at least. The engine's max_model_len is that, or KEPT_LENGTH where the context and cache allow.
     engines: how many engines start on this machine at once (torchrun's ranks): on a CPU the default
-    cache is shared among them.
+    cache is shared among them. gpu_memory_utilization: vLLM's own argument, passed when given (None:
+    its default, 0.92 of each GPU).
     """
     import torch
     cpu = on_cpu() if cpu is None else cpu
@@ -116,9 +117,10 @@ def engine_kwargs(model_dir, longest_sequence, dtype="auto", kv_cache_gib=None, 
     roomy = min(KEPT_LENGTH, model_context(model_dir) or KEPT_LENGTH, kv_bytes // per_token if kv_bytes else KEPT_LENGTH)
     max_model_len = max(int(longest_sequence), roomy)
     unsplit_prompts = dict(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 4096)) if cpu else {}
+    share = {} if gpu_memory_utilization is None else dict(gpu_memory_utilization=gpu_memory_utilization)
     return dict(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=seed,
                 tensor_parallel_size=tensor_parallel_size, trust_remote_code=False, max_model_len=max_model_len,
-                kv_cache_memory_bytes=kv_bytes, enforce_eager=enforce_eager, **unsplit_prompts)
+                kv_cache_memory_bytes=kv_bytes, enforce_eager=enforce_eager, **unsplit_prompts, **share)
 
 
 # vLLM's SamplingParams refuses temperatures above 2 and raises positive ones below 0.01 to 0.01
@@ -221,6 +223,22 @@ def close_engine():
         del engine
         import gc
         gc.collect()
+
+
+def close_gpu_engine():
+    """Shut down the kept engine if it runs on GPUs: called before a stage other than generate.py runs
+    in this process (iterate.py --in_process).
+
+    vLLM's LLM takes gpu_memory_utilization=0.92 of the GPU by default (vllm 0.33.0
+    entrypoints/llm.py; v1/worker/utils.py request_memory reserves total memory x that share at the
+    start, and refuses to start unless that much is free) and holds it until it stops, so rank.py's
+    judge and train.py's model, loading onto the same GPU, would get the remaining 8%. The engine is
+    closed, not given a smaller share: what training needs (fp32 weights, gradients and RMSprop
+    state, ~12 bytes a parameter, six times the engine's bf16 weights, plus activations) is not
+    known before it runs, so no fixed share leaves room for it. The next generate.py starts a new
+    engine; the evaluation after a policy and the next generation still share one."""
+    if KEPT and not on_cpu():
+        close_engine()
 
 
 def generate_responses_vllm(engine, model_dir, tokenizer, records, K, temperature=1.0, top_p=1.0, top_k=0,
