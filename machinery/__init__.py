@@ -7,6 +7,7 @@ Which module answers which question:
   lm            how a model and its tokenizer load; chat templates; token ids; log pi(y | x) of a batch
   judges        which judge rank.py builds (PairRM, a reward model, module:factory) and how it is called
   launch        which rank this is and its share; how iterate.py starts a stage, and watches it
+  lifetime      that nothing a stage starts outlives it (SIGKILL included), and that Ctrl-C ends it
   train_steps   how a step of train.py runs: each rank's share in micro-batches, the optimizer step, sums over ranks
   train_metrics what train.py logs per step (metrics.jsonl, the progress bar)
   checkpoint    train.py's resumable checkpoints (torch.distributed.checkpoint)

@@ -3,8 +3,9 @@
 Every stage runs as one plain process or under torchrun; it reads RANK / WORLD_SIZE / LOCAL_RANK
 from the environment (`dist_env`), as nanoGPT does. generate.py and rank.py split their records
 over the ranks and merge the shards (`run_sharded`); every rank exits when its launcher is gone
-(`watch_launcher`). iterate.py starts each stage in its own process, under torchrun, or in its
-own process's interpreter (`run_stage`), and logs the stage's wall time and peak memory.
+(`watch_launcher`). iterate.py starts each stage in its own process (which dies with iterate.py:
+lifetime.py), under torchrun, or in its own process's interpreter (`run_stage`), and logs the
+stage's wall time and peak memory.
 """
 import gc
 import hashlib
@@ -17,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+from machinery.lifetime import dies_with_this_process
 from machinery.records import InputError, atomic_write, make_work_dir, one_line_errors, pid_alive, write_records
 
 
@@ -128,8 +130,9 @@ def run_stage(cmd, dry_run, timings=None, in_process=False, **where):
 
 def run_process(cmd):
     """The stage as its own process (or torchrun's): (exit code, peak RSS in KiB)."""
-    # the stage (and each torchrun rank) exits when this process is gone (watch_launcher)
-    proc = subprocess.Popen([str(c) for c in cmd], env=dict(os.environ, SPPO_LAUNCHER_PID=str(os.getpid())))
+    # the stage exits when this process is gone, killed or not (so do torchrun's ranks: watch_launcher)
+    proc = subprocess.Popen([str(c) for c in cmd], env=dict(os.environ, SPPO_LAUNCHER_PID=str(os.getpid())),
+                            preexec_fn=dies_with_this_process())
     peak = 0
     while proc.poll() is None:  # (a child's ru_maxrss would include this process's RSS at fork)
         peak = max(peak, peak_rss_kib(proc.pid))

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from machinery.lifetime import end_on_interrupt, stop_children
+
 
 class InputError(ValueError):
     """Bad input; the message names file, line and field. Stages exit non-zero with it."""
@@ -41,12 +43,15 @@ DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCE
 
 def one_line_errors(main):
     """Run a script's main(): bad input, a full or read-only disk, Ctrl-C each end in one line, not a
-    traceback (exit 2; Ctrl-C 130). Outputs are written atomically, so nothing is half-written."""
+    traceback (exit 2; Ctrl-C 130). Outputs are written atomically, so nothing is half-written.
+    Ctrl-C also stops every process the script started (lifetime.py), wherever it lands."""
+    end_on_interrupt()
     try:
         main()
     except InputError as e:
         fail_with(e)
     except KeyboardInterrupt:
+        stop_children()
         print("interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
     except OSError as e:

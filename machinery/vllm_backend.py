@@ -27,6 +27,7 @@ relies on in vLLM (0.32 / 0.33), and what follows:
 import os
 from importlib import metadata
 
+from machinery.lifetime import guard_children
 from machinery.lm import check_model_files, model_context, prompt_token_ids, row_seed, stop_token_ids
 from machinery.records import InputError
 
@@ -192,6 +193,7 @@ def start_engine(**kwargs):
         return engine
     close_engine()
     from vllm import LLM  # after prepare_vllm_process: see there
+    guard_children()  # the engine's processes end with this one, however it ends (lifetime.py)
     engine = LLM(**kwargs)
     KEPT.update(kwargs=kwargs, engine=engine)
     return engine

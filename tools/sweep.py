@@ -14,7 +14,8 @@ OUT/loss_type=sppo__eta=3__seed=0, run as `python iterate.py ARGS_AFTER_-- --los
 CELL/sweep_done.json (atomically, with the cell's arguments); a cell that has it is skipped, so a
 killed sweep resumes when the same command is run again (and iterate.py resumes inside the cell
 that was running). Ctrl-C or `kill PID` stops the running cell's processes too (each cell
-runs in a process group of its own); two sweeps cannot run in one OUT at the same time. A value
+runs in a process group of its own), and so does `kill -9 PID` (the cell dies with the sweep:
+lifetime.py); two sweeps cannot run in one OUT at the same time. A value
 containing commas is written as a JSON list: --grid 'prompts=["a,b","c"]'; an on/off flag takes
 true and false: --grid freeze_embeddings=true,false gives --freeze_embeddings / --no-freeze_embeddings.
 Every cell's arguments are checked as iterate.py checks them before the first cell runs.
@@ -44,6 +45,7 @@ from pathlib import Path
 
 from iterate import check_settings
 from machinery.flags import iterate_args, iterate_parser, run_seed
+from machinery.lifetime import dies_with_this_process
 from machinery.records import (InputError, atomic_write, check_not_input, check_output, exclusive_lock, fail_with,
                      make_work_dir, one_line_errors, write_json)
 
@@ -206,8 +208,10 @@ def run_cell(cell, cell_dir):
         log.write(f"\n$ {shlex.join(cmd)}\n")
         log.flush()
         # Its own process group, so that stopping the sweep stops the cell's stages too: an orphaned
-        # train.py would race the resumed sweep's run of the same cell.
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=HERE, start_new_session=True)
+        # train.py would race the resumed sweep's run of the same cell. The cell dies with the sweep
+        # (and its stages with it), also when the sweep is killed outright.
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=HERE, start_new_session=True,
+                                preexec_fn=dies_with_this_process())
         print(f"  process group {proc.pid}, output in {cell_dir / 'sweep.log'}", flush=True)
         try:
             code = proc.wait()
