@@ -10,6 +10,7 @@ Which module answers which question:
   lifetime      that nothing a stage starts outlives it (SIGKILL included), and that Ctrl-C ends it
   train_steps   how a step of train.py runs: each rank's share in micro-batches, the optimizer step, sums over ranks
   train_metrics what train.py logs per step (metrics.jsonl, the progress bar)
+  fsdp          how train.py's model is sharded under torchrun: process group, loading on rank 0, gradient sync
   checkpoint    train.py's resumable checkpoints (torch.distributed.checkpoint)
   vllm_backend  generate.py's vLLM engine: its arguments, one seeded request per sample, its lifetime
 """
