@@ -103,30 +103,52 @@ def sppo_all_loss(logratios, win_rate, eta: float):
     return sppo_loss(logratios, win_rate, eta).mean(dim=-1)
 
 
+def magnet_target(win_rate, magnet_gap, eta: float, tau: float):
+    """`magnet`: the logratio the step toward the magnet pi_0 fits to, over the K samples: [B, K] -> [B, K].
+
+    win_rate = P(y_k > pi_t | x); magnet_gap = d(y_k) = log pi_t(y_k|x) - log pi_0(y_k|x). The step is
+    multiplicative weights regularised toward the magnet with strength tau (magnetic mirror descent,
+    Sokota et al. 2022, arXiv 2206.05825, its update with magnet rho = pi_0; the step of MPO, Wang et al.
+    2024, arXiv 2410.16714, with its magnet held at pi_0):
+
+        log pi_{t+1}(y) = [log pi_t(y) + eta tau log pi_0(y) + eta P(y > pi_t)] / (1 + eta tau) - log Z_t,
+
+    i.e. log pi_{t+1}(y) - log pi_t(y) = c (P(y > pi_t) - tau d(y)) - log Z_t with c = eta / (1 + eta tau).
+    log Z_t is replaced by its first-order value, the mean of the exponent over the K samples of pi_t,
+    c (1/2 - tau mean_k d(y_k)), as Eq. 4.6's eta/2 is the mean of eta P(y_k > pi_t) (the K win rates
+    average exactly 1/2). Target: c ((P(y > pi_t) - 1/2) - tau (d(y) - mean_k d(y_k))); tau = 0 is `sppo_all`'s.
+    """
+    c = eta / (1.0 + eta * tau)
+    return c * ((win_rate - 0.5) - tau * (magnet_gap - magnet_gap.mean(dim=-1, keepdim=True)))
+
+
 def responses_used(loss_type: str, win_rate: torch.Tensor) -> torch.Tensor:
     """Which of the K responses a loss type trains on: [B, K] -> [B, R] indices.
 
-    R = K for `sppo_all`; otherwise R = 2, (best, worst).
+    R = K for `sppo_all` and `magnet`; otherwise R = 2, (best, worst).
     """
-    if loss_type == "sppo_all":
+    if loss_type in ("sppo_all", "magnet"):
         return torch.arange(win_rate.shape[-1]).expand(win_rate.shape)
     best, worst = best_and_worst(win_rate)
     return torch.stack([best, worst], dim=-1)
 
 
-def preference_loss(loss_type: str, *, logratios, win_rate, P, used, eta: float, beta: float):
+def preference_loss(loss_type: str, *, logratios, win_rate, P, used, eta: float, beta: float, tau: float = 0.0,
+                    magnet_gap=None):
     """Per-prompt loss of any loss type, and what it pulls the trained responses towards.
 
     logratios: [B, R] log pi_theta(y|x) - log pi_t(y|x) of the responses `used` ([B, R] indices
     into K, from `responses_used`); win_rate: [B, K]; P: [B, K, K]. eta scales the SPPO targets,
-    beta is DPO's and IPO's. Returns (loss [B], stats), stats a dict of [B] tensors about the
+    beta is DPO's and IPO's; `magnet` also takes tau and magnet_gap [B, K], log pi_t(y|x) - log pi_0(y|x)
+    of every sample (magnet_target). Returns (loss [B], stats), stats a dict of [B] tensors about the
     chosen and rejected response: y_w and y_l for the pair losses, the best and worst of the K by
-    win rate for `sppo_all` (ties to the lowest index: with all win rates equal, one response twice):
+    win rate for `sppo_all` and `magnet` (ties to the lowest index: with all win rates equal, one response twice):
       logratio_chosen, logratio_rejected  their logratios;
       target_chosen, target_rejected      the logratio each one's loss term is smallest at,
                                           eta * (p - 1/2) (Eq. 4.6), p = its win rate (`sppo`,
                                           `sppo_all`), P(y_w > y_l) for y_w and 1 - P(y_w > y_l)
-                                          for y_l (`sppo_single`), 1 and 0 (`sppo_hard`); NaN for
+                                          for y_l (`sppo_single`), 1 and 0 (`sppo_hard`), magnet_target's
+                                          (`magnet`); NaN for
                                           `dpo` and `ipo`: they set only the difference of the two
                                           (ipo pulls it to 1/(2 beta), dpo pushes it up unbounded);
       preferred                           1 if the chosen has the higher win rate, 0 for a tie;
@@ -137,6 +159,10 @@ def preference_loss(loss_type: str, *, logratios, win_rate, P, used, eta: float,
     if loss_type == "sppo_all":
         loss, targets = sppo_all_loss(logratios, wins, eta), sppo_target(wins, eta)
         chosen, rejected = best_and_worst(wins)  # positions in R (here R = K)
+    elif loss_type == "magnet":  # the step toward pi_0, on all K samples (magnet_target)
+        targets = magnet_target(wins, magnet_gap, eta, tau)
+        loss = ((logratios - targets) ** 2).mean(dim=-1)
+        chosen, rejected = best_and_worst(wins)
     else:  # a pair loss on (y_w, y_l) = (best, worst): positions 0 and 1
         chosen, rejected = torch.zeros_like(rows), torch.ones_like(rows)
         logratio_w, logratio_l = logratios[:, 0], logratios[:, 1]

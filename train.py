@@ -90,7 +90,7 @@ def batch_logps(model, examples, pad_id, device):
     return sequence_logps(model, batch).view(len(examples), -1)
 
 
-def accumulate_gradients(model, micro_batches, scale, pad_id, device, *, loss_type, eta, beta,
+def accumulate_gradients(model, micro_batches, scale, pad_id, device, *, loss_type, eta, beta, tau=0.0,
                          autocast=contextlib.nullcontext(), fsdp=False):
     """Forward and backward over micro-batches, gradients summed: d(scale * sum_b w_b loss_b)/d theta.
 
@@ -107,9 +107,11 @@ def accumulate_gradients(model, micro_batches, scale, pad_id, device, *, loss_ty
         win_rate = torch.stack([ex["win_rate"] for ex in micro]).to(device)  # [B, K]: P(y_k > pi_t | x)
         P = torch.stack([ex["P"] for ex in micro]).to(device)  # [B, K, K]
         used = torch.stack([ex["used"] for ex in micro]).to(device)  # [B, R]: the responses Algorithm 1 picked
+        # log pi_t - log pi_0 of each trained response (--loss_type magnet: magnet_pass)
+        gap = torch.stack([ex["magnet_gap"] for ex in micro]).to(device) if loss_type == "magnet" else None
         # Eq. 4.6 on each trained response (--loss_type sppo*), or a baseline's loss
         losses, stats = preference_loss(loss_type, logratios=logratios, win_rate=win_rate, P=P, used=used,
-                                        eta=eta, beta=beta)
+                                        eta=eta, beta=beta, tau=tau, magnet_gap=gap)
         ((losses * w).sum() * scale).backward()
         for key, value in dict(stats, loss=losses, weight=torch.ones_like(losses)).items():
             sums[key] = sums[key] + (value.detach() * w).double().sum()
@@ -125,6 +127,8 @@ def main(argv=None):
     watch_launcher()
     run = setup(args)
     ref_logps = reference_pass(run)
+    if args.loss_type == "magnet":
+        magnet_pass(run, ref_logps)
     train_loop(run, ref_logps)
     save(run)
 
@@ -193,6 +197,10 @@ def check_inputs(args, rank, world):
     work_dir = out.with_name(out.name + ".tmp")
     try:
         check_model_path(args.model)
+        if args.loss_type == "magnet":
+            if args.magnet is None:
+                raise InputError("--loss_type magnet: give --magnet, the model dir of pi_0 (iterate.py gives its --model)")
+            check_model_path(args.magnet, "--magnet")
         check_output(out, directory=True)
         records = read_records(args.ranked, stage="ranked")
         for path in (out, work_dir):  # before the train_info.json rule: --out = --model may be a dir train.py wrote
@@ -247,6 +255,16 @@ def reference_pass(run):
     return ref_logps
 
 
+def magnet_pass(run, ref_logps):
+    """--loss_type magnet: log pi_t(y|x) - log pi_0(y|x) of every trained response, once, kept in its
+    example ("magnet_gap"), like the reference pass. pi_0 (--magnet) is loaded whole and every process
+    scores every example with it: no collective, at the cost of a full copy of pi_0 per process."""
+    magnet = load_model(run.args.magnet, dtype=torch.float32, device=run.device)
+    alone = SimpleNamespace(**dict(vars(run), model=magnet, fsdp=False, rank=0, world=1, head=contextlib.nullcontext))
+    for ex, gap in zip(run.examples, ref_logps - reference_pass(alone)):
+        ex["magnet_gap"] = gap
+
+
 def train_loop(run, ref_logps):
     """The optimizer steps from the checkpoint's step (or 0) to the last, each on one global batch
     of a (seed, epoch) permutation, so a resumed run meets every batch where it was."""
@@ -277,7 +295,7 @@ def train_loop(run, ref_logps):
         # ranks, hence * world: the gradient is the same for any number of processes
         with run.head():
             sums = accumulate_gradients(model, micro_batches, run.world / len(batch_idx), run.tokenizer.pad_token_id,
-                                        run.device, loss_type=args.loss_type, eta=args.eta, beta=args.beta,
+                                        run.device, loss_type=args.loss_type, eta=args.eta, beta=args.beta, tau=args.tau,
                                         autocast=run.autocast, fsdp=run.fsdp)
         sums.update(step_tokens(micro_batches))
         try:  # a NaN or overflow stops the run here, before anything is saved
