@@ -130,6 +130,8 @@ def main(argv=None):
     ap.add_argument("--tau", type=float, default=0.1, help="magnet strength of magnet, mpo and nash_md")
     ap.add_argument("--period", type=int, default=100, help="mpo: steps between magnet moves")
     ap.add_argument("--taus", default="0.01,0.03,0.1,0.3,1", help="the regularised winners' tau ladder")
+    ap.add_argument("--toy_etas", default="10,30", help="step sizes of the toy-scale table")
+    ap.add_argument("--toy_T", type=int, default=6, help="iterations of the toy-scale table")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out_dir", default="runs/successors")
     args = ap.parse_args(argv)
@@ -210,6 +212,21 @@ def main(argv=None):
                 near = f"r{d_r:.0e}" if d_r < d_w else f"w{d_w:.0e}"
                 cells.append(f"{last[-1]:6.4f}/{avg[-1]:6.4f} {near:>7s}")
             lines.append(f"{LABELS[m]:18s}" + "".join(f"{c:>22s}" for c in cells))
+    # The toy world's scale: a few iterations at its large steps (its eta_eff is 3-18 at eta 30). Its
+    # average is that of pi_1..pi_t (worlds/toy.py, exploit_avg), its held-out prompts 4/6 cyclic.
+    lines += ["", f"the toy world's scale: exact steps from its pi_0, exploitability of pi_1 .. pi_{args.toy_T} and of "
+              f"their average (4/6 cyclic + 2/6 transitive family, as its held-out prompts)"]
+    for eta in [float(e) for e in args.toy_etas.split(",")]:
+        for m, tau in [("mw", 0.0)] + [("magnet", t) for t in taus if t <= 0.1] + [("optimistic", 0.0),
+                                                                                   ("extragradient", 0.0)]:
+            last, avg = np.zeros(args.toy_T), 0.0
+            for g, weight in (("toy_cyclic", 4 / 6), ("toy_transitive", 2 / 6)):
+                P, pi0 = games[g]
+                pis = run(m, P, pi0, eta, args.toy_T, tau)
+                last += weight * np.array([exploitability(P, pi) for pi in pis[1:]])
+                avg += weight * exploitability(P, pis[1:].mean(0))
+            name = LABELS[m] + (f", tau {tau:g}" if m == "magnet" else "")
+            lines.append(f"eta {eta:<3g} {name:30s}" + " ".join(f"{x:.3f}" for x in last) + f"   average {avg:.3f}")
     lines.append(f"wrote {out}/successors.png, regularised_winner.png, summary.txt, config.json "
                  f"in {time.time() - start:.1f} s")
     text = "\n".join(lines)
