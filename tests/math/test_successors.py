@@ -103,3 +103,24 @@ def test_last_iterate_fixed_points(game):
     last, avg = S.curves(P, S.run("mw", P, pi0, 0.5, 3000))
     if game != "intransitive5":   # there MW's last iterate happens to settle (measured exploitability 0.006)
         assert last[-500:].max() > 0.05 and avg[-1] < last[-500:].max() / 2
+
+
+def test_main_writes_the_figures_and_the_recomputed_numbers(tmp_path, capsys):
+    """python -m theory.successors: its figures, and its table's rps cells against a recomputation here
+    (MW's path from the closed form pi_T ~ pi_0 exp(eta sum_t P pi_t); pi*_tau by SLSQP)."""
+    S.main(["--T", "30", "--etas", "0.5", "--taus", "0.3", "--tau", "0.3", "--toy_T", "2", "--out_dir", str(tmp_path)])
+    text = (tmp_path / "summary.txt").read_text()
+    assert capsys.readouterr().out == text
+    lines = text.splitlines()
+    P, pi0 = GAMES["rps"]
+    reg_row = next(line for line in lines if line.startswith("rps "))
+    assert float(reg_row.split()[1]) == pytest.approx(exploitability(P, regularised_winner_slsqp(P, 0.3, pi0)), abs=1e-4)
+    pis, played = [pi0], np.zeros(3)
+    for _ in range(30):
+        played += P @ pis[-1]
+        pis.append(normalised(pi0 * np.exp(0.5 * played)))
+    mw_row = next(line for line in lines if line.startswith("MW (SPPO)") and "/" in line)
+    last, avg = (float(x) for x in mw_row[18:].split()[0].split("/"))
+    assert [last, avg] == pytest.approx([exploitability(P, pis[-1]), exploitability(P, np.mean(pis[:-1], 0))], abs=1e-4)
+    for name in ("successors.png", "regularised_winner.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
