@@ -70,12 +70,13 @@ def magnetic_step(P: np.ndarray, pi: np.ndarray, eta: float, tau: float, magnet:
 def optimistic_step(P: np.ndarray, pi: np.ndarray, pi_prev: np.ndarray, eta: float) -> np.ndarray:
     """Optimistic MW (OMWU; Daskalakis & Panageas 2019, arXiv 1807.04252, their OMWU update): the
     gradient of this step extrapolated by the last change, pi' proportional to
-    pi * exp(eta (2 P(y > pi) - P(y > pi_prev))). ONPO (optimistic online mirror descent for NLHF) is this step."""
+    pi * exp(eta (2 P(y > pi) - P(y > pi_prev))): the step ONPO (optimistic online mirror descent for
+    NLHF) builds on."""
     return _normalised(_log(pi) + eta * (2.0 * (P @ pi) - P @ pi_prev))
 
 
 def extragradient_step(P: np.ndarray, pi: np.ndarray, eta: float) -> np.ndarray:
-    """Extragradient MW (mirror prox, Nemirovski 2004; EGPO's update): a look-ahead MW step
+    """Extragradient MW (mirror prox, Nemirovski 2004; the step EGPO builds on): a look-ahead MW step
     pi_half = MW(pi), then the MW step from pi with the gradient at pi_half:
     pi' proportional to pi * exp(eta P(y > pi_half))."""
     half = multiplicative_weights_step(P, pi, eta)
