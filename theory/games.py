@@ -1,8 +1,8 @@
-"""Finite preference games: the von Neumann winner, exploitability, the exact SPPO step.
+"""Finite preference games: the von Neumann winner, exploitability, the exact SPPO step and its successors.
 
 A game is a preference matrix P over n responses, P[i, j] = P(y_i > y_j), P + P^T = 1.
 A policy is a probability vector pi over the n responses. Used by the toy world's exact
-evaluator and by the theory lab; numpy in, numpy out.
+evaluator and by the theory lab (theory.lab, theory.successors); numpy in, numpy out.
 """
 import numpy as np
 
