@@ -27,9 +27,9 @@ from tqdm import tqdm
 from machinery.flags import generate_parser, missing_package
 from machinery.launch import dist_env, run_sharded, watch_launcher
 from machinery.lm import (check_model_files, checked_prompt_ids, cpu_lm_head, load_model, load_tokenizer, model_context,
-                prompt_token_ids, row_seed, stop_token_ids)
+                          prompt_token_ids, row_seed, stop_token_ids)
 from machinery.records import (InputError, check_model_path, check_not_input, check_output, check_work_dir, one_line_errors,
-                     path_stamp, read_records, run_info, write_json)
+                               path_stamp, read_records, run_info, write_json)
 from machinery.vllm_backend import check_engine_settings, engine_kwargs, generate_responses_vllm, prepare_vllm_process, start_engine
 
 

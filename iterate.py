@@ -93,7 +93,8 @@ def iterations(args, world, slices, start):
               template_model=models[-1] if args.judge_prompt == "template" else None)
         # 3. pi_t: the square-loss fit of pi_{t-1} exp(eta P(y > pi_{t-1})), reference pi_{t-1}; the run's own
         # seed: it orders the examples (train.global_batch), and each iteration's examples are new ones
-        stage("train", t, model / "train_info.json", model=models[-1], ranked=ranked, out=model, seed=args.seed)
+        stage("train", t, model / "train_info.json", model=models[-1], ranked=ranked, out=model, seed=args.seed,
+              magnet=models[0] if args.loss_type == "magnet" else None)  # --loss_type magnet: pi_0 is the magnet
         models.append(str(model))
         report(args, world, stage, models, timings)
     if not args.dry_run:

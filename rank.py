@@ -31,7 +31,7 @@ from machinery.judges import is_plugin, judge_factory, make_judge, plugin_call
 from machinery.launch import dist_env, run_sharded, watch_launcher
 from machinery.lm import load_tokenizer, prompt_text, templated_prompt_text
 from machinery.records import (InputError, check_not_input, check_output, check_work_dir, one_line_errors, path_stamp,
-                     preference_matrix_problem, read_records)
+                               preference_matrix_problem, read_records)
 from sppo_loss import win_rates
 
 

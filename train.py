@@ -21,7 +21,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -30,16 +30,16 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from tqdm import tqdm
 
+from sppo_loss import preference_loss, preference_stats, responses_used
 from machinery.checkpoint import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
 from machinery.flags import train_args
 from machinery.fsdp import init_process_group, load_for_sharding, shard_model, sync_every_micro_batch
 from machinery.launch import dist_env, watch_launcher
 from machinery.lm import (LARGE_VOCAB, check_model_files, collate, cpu_lm_head, load_model, load_tokenizer, prompt_token_ids,
-                response_token_ids, sequence_logps)
+                          response_token_ids, sequence_logps)
 from machinery.records import (InputError, check_model_path, check_not_input, check_output, check_work_dir,
-                     file_sha256, make_work_dir, one_line_errors, path_stamp, read_records, record_line, run_info,
-                     write_json)
-from sppo_loss import preference_loss, preference_stats, responses_used
+                               file_sha256, make_work_dir, one_line_errors, path_stamp, read_records, record_line, run_info,
+                               write_json)
 from machinery.train_steps import longest, micro_batches_of, optimizer_step, padded_share, summed_over_ranks
 from machinery.train_metrics import STEP_STATS, StepLog, flops_per_token_terms, peak_tflops, step_tokens
 
@@ -89,7 +89,7 @@ def batch_logps(model, examples, pad_id, device):
     return sequence_logps(model, collate(pairs, pad_id), device).view(len(examples), -1)  # the batch moves there
 
 
-def accumulate_gradients(model, micro_batches, scale, pad_id, device, *, loss_type, eta, beta,
+def accumulate_gradients(model, micro_batches, scale, pad_id, device, *, loss_type, eta, beta, tau=0.0,
                          autocast=contextlib.nullcontext(), fsdp=False, sync_every=False):
     """Forward and backward over micro-batches, gradients summed: d(scale * sum_b w_b loss_b)/d theta.
 
@@ -106,10 +106,14 @@ def accumulate_gradients(model, micro_batches, scale, pad_id, device, *, loss_ty
         win_rate = torch.stack([ex["win_rate"] for ex in micro]).to(device)  # [B, K]: P(y_k > pi_t | x)
         P = torch.stack([ex["P"] for ex in micro]).to(device)  # [B, K, K]
         used = torch.stack([ex["used"] for ex in micro]).to(device)  # [B, R]: the responses Algorithm 1 picked
+        # log pi_t - log pi_0 of each trained response (--loss_type magnet: magnet_pass)
+        gap = torch.stack([ex["magnet_gap"] for ex in micro]).to(device) if loss_type == "magnet" else None
         # Eq. 4.6 on each trained response (--loss_type sppo*), or a baseline's loss
-        losses = preference_loss(loss_type, logratios=logratios, win_rate=win_rate, P=P, used=used, eta=eta, beta=beta)
+        losses = preference_loss(loss_type, logratios=logratios, win_rate=win_rate, P=P, used=used, eta=eta, beta=beta,
+                                 tau=tau, magnet_gap=gap)
         ((losses * w).sum() * scale).backward()
-        stats = preference_stats(loss_type, logratios=logratios, win_rate=win_rate, P=P, used=used, eta=eta)
+        stats = preference_stats(loss_type, logratios=logratios, win_rate=win_rate, P=P, used=used, eta=eta,
+                                 tau=tau, magnet_gap=gap)
         for key, value in dict(stats, loss=losses, weight=torch.ones_like(losses)).items():
             sums[key] = sums[key] + (value.detach() * w).double().sum()
     return dict(zip(STEP_STATS, torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device)
@@ -174,6 +178,8 @@ def main(argv=None):
                                              args.max_length, args.prompt_format, path=args.ranked)
     run = setup(args, tokenizer, examples, responses_cut, config, resume)
     ref_logps = reference_pass(run)
+    if args.loss_type == "magnet":
+        magnet_pass(run, ref_logps)
     train_loop(run, ref_logps)
     save(run)
 
@@ -188,6 +194,10 @@ def check_inputs(args):
     if args.cpu_offload and not ("RANK" in os.environ and torch.cuda.is_available()):
         raise InputError("--cpu_offload needs torchrun on GPUs (FSDP2 offloads to CPU from GPU memory)")
     check_model_path(args.model)
+    if args.loss_type == "magnet":
+        if args.magnet is None:
+            raise InputError("--loss_type magnet: give --magnet, the model dir of pi_0 (iterate.py gives its --model)")
+        check_model_path(args.magnet, "--magnet")
     check_output(out, directory=True)
     records = read_records(args.ranked, stage="ranked")
     for path in (out, work_dir):  # before the train_info.json rule: --out = --model may be a dir train.py wrote
@@ -312,6 +322,17 @@ def reference_pass(run):
     return ref_logps
 
 
+def magnet_pass(run, ref_logps):
+    """--loss_type magnet: log pi_t(y|x) - log pi_0(y|x) of every trained response, once, kept in its
+    example ("magnet_gap"), like the reference pass. pi_0 (--magnet) is loaded whole and every process
+    scores every example with it: no collective, at the cost of a full copy of pi_0 per process."""
+    magnet = load_model(run.args.magnet, dtype=torch.float32, device=run.device)
+    alone = replace(run, model=magnet, fsdp=False, rank=0, world_size=1,
+                    lm_head_layout=contextlib.nullcontext)
+    for ex, gap in zip(run.examples, ref_logps - reference_pass(alone)):
+        ex["magnet_gap"] = gap
+
+
 def train_loop(run, ref_logps):
     """The optimizer steps from the checkpoint's step (or 0) to the last, each on one global batch."""
     args, model = run.args, run.model
@@ -337,7 +358,7 @@ def train_loop(run, ref_logps):
         # ranks, hence * world_size: the gradient is the same for any number of processes
         with run.lm_head_layout():
             sums = accumulate_gradients(model, micro_batches, run.world_size / len(batch), run.tokenizer.pad_token_id,
-                                        run.device, loss_type=args.loss_type, eta=args.eta, beta=args.beta,
+                                        run.device, loss_type=args.loss_type, eta=args.eta, beta=args.beta, tau=args.tau,
                                         autocast=run.autocast, fsdp=run.fsdp, sync_every=run.sync_every)
         grad_norm, lr = optimizer_step(model, run.optimizer, run.scheduler, args.grad_clip, step)
         sums = summed_over_ranks(dict(sums, **step_tokens(micro_batches)), step, run.fsdp, run.device)

@@ -13,7 +13,7 @@ import math
 import sys
 
 PROMPT_FORMATS = ("auto", "chat", "plain")  # lm.prompt_token_ids
-LOSS_TYPES = ("sppo", "sppo_single", "sppo_hard", "sppo_all", "dpo", "ipo")  # sppo_loss.preference_loss
+LOSS_TYPES = ("sppo", "sppo_single", "sppo_hard", "sppo_all", "dpo", "ipo", "magnet")  # sppo_loss.preference_loss
 P_MODES = ("pairwise", "scores")  # how rank.py's PairRM judge turns its logits into P
 DTYPES = ("auto", "float32", "bfloat16")
 # flags that change how the work runs, not what it computes (up to rounding): a run directory
@@ -150,6 +150,10 @@ def train_parser(description=None):
     ap.add_argument("--loss_type", default="sppo", choices=LOSS_TYPES)
     ap.add_argument("--eta", type=finite_float, default=1000.0, help="SPPO step size (official: 1000, i.e. beta=1e-3)")
     ap.add_argument("--beta", type=positive_float, default=0.1, help="DPO/IPO beta")
+    ap.add_argument("--tau", type=nonneg_float, default=0.1,
+                    help="magnet: strength of the pull toward the magnet pi_0 (sppo_loss.magnet_target)")
+    ap.add_argument("--magnet", default=None,
+                    help="magnet: HF model dir of pi_0, the policy the step is regularised toward (iterate.py: its --model)")
     ap.add_argument("--optimizer", default="rmsprop", choices=["rmsprop", "adamw"])
     ap.add_argument("--lr", type=nonneg_float, default=5e-7)
     ap.add_argument("--lr_schedule", default="linear", choices=["linear", "constant"], help="after warmup")
@@ -209,7 +213,7 @@ def missing_package(args):
 # The stage flags iterate.py sets itself, per iteration (paths, the iteration's model, the seed);
 # every other stage flag is a flag of iterate.py too (stage_flags).
 PLUMBING = {"generate": ("model", "prompts", "out", "seed"), "rank": ("responses", "out", "template_model"),
-            "train": ("model", "ranked", "out", "seed")}
+            "train": ("model", "ranked", "out", "seed", "magnet")}
 # Two stages' flags of one name and two meanings get the stage's name here; a flag of one name
 # and one meaning in two stages (--prompt_format, --dtype) is one flag that goes to both.
 RENAMED = {("generate", "batch_size"): "generate_batch_size", ("rank", "batch_size"): "rank_batch_size"}

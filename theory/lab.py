@@ -64,13 +64,7 @@ def make_games(seed: int = 0, n: int = 5) -> dict:
     rps = np.array([[0.5, 0.0, 1.0],     # rock loses to paper, beats scissors
                     [1.0, 0.5, 0.0],
                     [0.0, 1.0, 0.5]])
-    # Random intransitive: sigmoid of a random skew matrix. Redraw until no response beats
-    # all others (a Condorcet winner would make the game effectively transitive).
-    while True:
-        a = np.triu(rng.normal(size=(n, n)), 1)
-        intransitive = sigmoid(2.0 * (a - a.T))
-        if (von_neumann_winner(intransitive) > 1e-6).sum() >= 3:
-            break
+    intransitive = random_intransitive(rng, n)
     # Transitive: scores increase with the index, so the best response starts least likely.
     s = np.linspace(-1.0, 1.0, n)
     transitive = sigmoid(s[:, None] - s[None, :])
@@ -81,6 +75,16 @@ def make_games(seed: int = 0, n: int = 5) -> dict:
         cycle[a, b], cycle[b, a] = 1.0, -1.0
     mixed = sigmoid(s[:, None] - s[None, :] + 2.0 * cycle)
     return {"rps": rps, "intransitive": intransitive, "transitive": transitive, "mixed": mixed}
+
+
+def random_intransitive(rng, n: int) -> np.ndarray:
+    """Sigmoid of a random skew matrix, redrawn until its von Neumann winner mixes at least three
+    responses (a Condorcet winner would make the game effectively transitive)."""
+    while True:
+        a = np.triu(rng.normal(size=(n, n)), 1)
+        P = sigmoid(2.0 * (a - a.T))
+        if (von_neumann_winner(P) > 1e-6).sum() >= 3:
+            return P
 
 
 def initial_policy(n: int) -> np.ndarray:

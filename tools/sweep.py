@@ -47,7 +47,7 @@ from iterate import check_settings
 from machinery.flags import iterate_args, iterate_parser, run_seed
 from machinery.lifetime import dies_with_this_process
 from machinery.records import (InputError, atomic_write, check_not_input, check_output, exclusive_lock, fail_with,
-                     make_work_dir, one_line_errors, write_json)
+                               make_work_dir, one_line_errors, write_json)
 
 HERE = Path(__file__).resolve().parent.parent  # the project root
 # How a cell is run; the tests put a fake iterate.py here.

@@ -127,6 +127,9 @@ CASES = [
     ("train-out-parent-is-file", "train", jl(RANKED), ["--out", "IN/model"], "in.jsonl is a file, not a directory"),
     ("ranked-missing", "train", None, [], "in.jsonl: file not found"),
     ("train-model-missing", "train", jl(RANKED), ["--model", "TMP/nope/model"], "directory not found"),
+    ("magnet-not-given", "train", jl(RANKED), ["--loss_type", "magnet"], "--loss_type magnet: give --magnet"),
+    ("magnet-missing", "train", jl(RANKED), ["--loss_type", "magnet", "--magnet", "TMP/nope"], "--magnet TMP/nope: directory not found"),
+    ("tau-negative", "train", jl(RANKED), ["--tau", "-1"], "argument --tau: expected a finite number >= 0"),
     # ---- iterate.py: everything up front ----
     ("iterate-empty-slice", "iterate", jl(PROMPT, dict(PROMPT, id="b")), ["--iterations", "3"],
      "--iterations 3: more iterations than the 2 prompts"),

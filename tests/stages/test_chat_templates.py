@@ -10,7 +10,7 @@ import torch
 import generate
 import rank
 from machinery.lm import (load_tokenizer, prompt_token_ids, response_end_ids, response_token_ids, stop_token_ids,
-                templated_prompt_text)
+                          templated_prompt_text)
 from machinery.records import write_records
 
 CORPUS = ["which fruit suits the picnic", "pick a colour for the party", "the apple is sweet and the pear is soft",

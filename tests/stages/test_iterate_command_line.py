@@ -80,6 +80,22 @@ def test_dry_run_shows_the_forwarded_flags(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_magnet_is_pi_0_in_every_iteration(tmp_path):
+    """--loss_type magnet: every iteration's train.py gets --magnet pi_0 (the run's first model) and
+    --tau; with any other loss type no --magnet is given."""
+    def train_commands(*extra):
+        res = subprocess.run([sys.executable, "iterate.py", "--dry-run", "--run_dir", str(tmp_path / "r"),
+                              "--iterations", "3", *extra], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
+        return [line.split()[3:] for line in res.stdout.splitlines() if line.startswith("+ ") and "train.py" in line]
+    magnet = train_commands("--loss_type", "magnet", "--tau", "0.03")
+    pi_0 = magnet[0][magnet[0].index("--model") + 1]
+    assert len(magnet) == 3 and magnet[1][magnet[1].index("--model") + 1] != pi_0
+    for argv in magnet:
+        assert argv[argv.index("--magnet") + 1] == pi_0 and argv[argv.index("--tau") + 1] == "0.03"
+    assert not any("--magnet" in argv for argv in train_commands())
+
+
 # every choice of iterate.py, given a typo
 CHOICE_TYPOS = [("--loss_type", "sppoo"), ("--optimizer", "adam"), ("--lr_schedule", "cosine"), ("--p_mode", "pair"),
                 ("--backend", "vlm"), ("--preset", "toys"), ("--prompt_format", "chats"), ("--dtype", "fp16"),
