@@ -208,6 +208,9 @@ def feasible_args(type_id, rng):
             "detectable_format:number_bullet_lists": lambda: {"num_bullets": pick(2, 4)},
             "detectable_format:number_highlighted_sections": lambda: {"num_highlights": pick(1, 2)},
             "detectable_content:number_placeholders": lambda: {"num_placeholders": pick(1, 2)},
+            # the registry draws 1-20; 10 at most keeps "at least" in reach of an answer of fewer than 15 words
+            "change_case:capital_word_frequency": lambda: {"capital_frequency": pick(1, 10),
+                                                           "capital_relation": rng.choice(["less than", "at least"])},
             }.get(type_id, lambda: None)()
 
 
@@ -234,18 +237,66 @@ def build_instruction(type_id, task, rng, reg):
     return text, {k: v for k, v in args.items() if v is not None}
 
 
+# Pairs of types no response can follow together, beyond the registry's conflict table: all
+# lowercase letters, and section markers ("SECTION 1", "PART 1") that the checker matches
+# case-sensitively.
+WORLD_CONFLICTS = {frozenset({"change_case:english_lowercase", "detectable_format:multiple_sections"})}
+
+
+def conflicts(a, b, reg):
+    return b in reg.INSTRUCTION_CONFLICTS[a] or a in reg.INSTRUCTION_CONFLICTS[b] or {a, b} in WORLD_CONFLICTS
+
+
 def compatible(types):
     reg = registry()
-    return all(b not in reg.INSTRUCTION_CONFLICTS[a] for a in types for b in types if a != b)
+    return not any(conflicts(a, b, reg) for a in types for b in types if a != b)
+
+
+def unsatisfiable(types, kwargs):
+    """Why no response can follow all these instructions with these arguments (None when one can),
+    for the types and argument ranges of this world:
+    - fewer than 1 sentence: a non-empty response has one, and an empty one fails every check;
+    - a type pair of WORLD_CONFLICTS;
+    - a keyword to appear fewer than f times where the other instructions force it f times or more
+      (the checker counts it case-insensitively, inside words too: "art" in "PART 1");
+    - fewer than c all-capital words where c or more section markers ("SECTION 1") are required.
+    The end phrase and the postscript marker force no capital word: their checkers lowercase the
+    response. tests/worlds/test_instruct_benchmark.py searches for a response that follows every
+    combination the builders can draw and finds one exactly when this returns None."""
+    args = dict(zip(types, kwargs))
+    sentences = args.get("length_constraints:number_sentences")
+    if sentences and sentences["relation"] == "less than" and sentences["num_sentences"] <= 1:
+        return f"fewer than {sentences['num_sentences']} sentences"
+    pair = next((p for p in WORLD_CONFLICTS if p <= set(types)), None)
+    if pair:
+        return " and ".join(sorted(pair))
+    sections = args.get("detectable_format:multiple_sections")
+    forced = [f"{sections['section_spliter']} {i}" for i in range(1, sections["num_sections"] + 1)] if sections else []
+    forced += [args[t][k] for t, k in (("startend:end_checker", "end_phrase"),
+                                       ("detectable_content:postscript", "postscript_marker")) if t in args]
+    keyword = args.get("keywords:frequency")
+    if keyword and keyword["relation"] == "less than":
+        count = sum(text.lower().count(keyword["keyword"].lower()) for text in forced)
+        if count >= keyword["frequency"]:
+            return f"{keyword['keyword']!r} fewer than {keyword['frequency']} times, forced {count} times"
+    capital = args.get("change_case:capital_word_frequency")
+    if capital and sections and capital["capital_relation"] == "less than" \
+            and sections["num_sections"] >= capital["capital_frequency"]:
+        return f"fewer than {capital['capital_frequency']} capital words and {sections['num_sections']} section markers"
+    return None
 
 
 def make_prompt(task, types, rng, reg, pid):
-    """A chat prompt record: the task, then each instruction's text; the ids and kwargs kept for the judge."""
-    texts, kwargs = [], []
-    for t in types:
-        text, kw = build_instruction(t, task, rng, reg)
-        texts.append(text)
-        kwargs.append(kw)
+    """A chat prompt record: the task, then each instruction's text; the ids and kwargs kept for the
+    judge. Arguments that no response could follow together (`unsatisfiable`) are drawn again."""
+    while True:
+        texts, kwargs = [], []
+        for t in types:
+            text, kw = build_instruction(t, task, rng, reg)
+            texts.append(text)
+            kwargs.append(kw)
+        if unsatisfiable(types, kwargs) is None:
+            break
     content = " ".join([task] + texts)
     return {"id": pid, "prompt": [{"role": "user", "content": content}], "task": task,
             "instruction_id_list": list(types), "kwargs": kwargs}
@@ -266,8 +317,7 @@ def draw_types(rng, pool, must=None):
     for t in rng.sample(pool, len(pool)):
         if len(chosen) >= n:
             break
-        if t not in chosen and all(t not in reg.INSTRUCTION_CONFLICTS[c] and c not in reg.INSTRUCTION_CONFLICTS[t]
-                                   for c in chosen):
+        if t not in chosen and not any(conflicts(t, c, reg) for c in chosen):
             chosen.append(t)
     return chosen
 
@@ -527,10 +577,12 @@ def format_table(rows) -> str:
     for r in rows:
         if "ifbench" in r:
             b = r["ifbench"]
-            lines.append(f"IFBench pi_{r['iteration']}: inst-S {b['inst_strict']:.3f} inst-L {b['inst_loose']:.3f} "
-                         f"prm-S {b['prompt_strict']:.3f} prm-L {b['prompt_loose']:.3f} ({b['prompts']} shipped test "
-                         f"prompts, {b['prompts'] - b['offline_errors']} checkable offline, one sample each; "
-                         f"{b['truncated']:.2f} truncated)")
+            lines.append(f"IFBench pi_{r['iteration']}, all {b['prompts']} prompts (bounds: {b['unscored_instructions']} "
+                         f"verdicts need NLTK data not installable here): inst-S {b['inst_strict_low']:.3f}-"
+                         f"{b['inst_strict_high']:.3f} prm-S {b['prompt_strict_low']:.3f}-{b['prompt_strict_high']:.3f} "
+                         f"inst-L {b['inst_loose_low']:.3f}-{b['inst_loose_high']:.3f}; checkable subset "
+                         f"({b['subset_prompts']} prompts): inst-S {b['inst_strict_subset']:.3f} prm-S "
+                         f"{b['prompt_strict_subset']:.3f}; one sample each, {b['truncated']:.2f} truncated")
     for r in rows[-1:]:
         lines += [f"  pi_{r['iteration']}: {p!r} -> {y!r}" for p, y in r["samples"]]
     return "\n".join(lines)
@@ -576,7 +628,7 @@ def ifbench_module():
     spacy.cli.download('en_core_web_sm') at import (spacy is not needed by any check: installed
     --no-deps, a no-op stands in) and its util asks nltk.download for data (no network: a no-op while
     importing; punkt_tab comes from nltk_data_dir). Checks that need NLTK's stopwords or POS tagger
-    raise LookupError offline; ifbench_scores counts them apart."""
+    raise LookupError offline; ifbench_verdicts marks them unscored."""
     import types
     import nltk
     nltk_data_dir()
@@ -618,11 +670,10 @@ def ifbench_scores(model_dir, out_dir, limit=None, max_prompt_tokens=None, max_n
     records = (sample or sampler())(model_dir, records, 1, temperature=EVAL_TEMPERATURE, top_p=EVAL_TOP_P,
                                     max_new_tokens=max_new_tokens, seed=EVAL_SEED, batch_size=8, desc="ifbench")
     responses = {r["prompt"]: rec["responses"][0] for r, rec in zip(rows, records)}
-    result = {"prompts": len(rows), "offline_errors": 0}
     import nltk
     download, nltk.download = nltk.download, (lambda *a, **k: False)  # its checks call nltk.download each time
     try:
-        _ifbench_check(lib, rows, responses, result)
+        result = ifbench_bounds(lib, rows, responses)
     finally:
         nltk.download = download
     result["truncated"] = float(np.mean([rec["truncated"][0] for rec in records]))
@@ -631,22 +682,47 @@ def ifbench_scores(model_dir, out_dir, limit=None, max_prompt_tokens=None, max_n
     return result
 
 
-def _ifbench_check(lib, rows, responses, result):
-    for mode, test in (("strict", lib.test_instruction_following_strict), ("loose", lib.test_instruction_following_loose)):
-        prompt_hits, inst_hits, errors = [], [], 0
-        for r in rows:
-            inp = lib.InputExample(key=r["key"], instruction_id_list=r["instruction_id_list"], prompt=r["prompt"],
-                                   kwargs=[{a: v for a, v in k.items() if v is not None} for k in r["kwargs"]])
-            try:
-                o = test(inp, responses)
-            except LookupError:  # NLTK data that no PyPI package here ships (stopwords, POS tagger)
-                errors += 1
-                continue
-            prompt_hits.append(o.follow_all_instructions)
-            inst_hits += o.follow_instruction_list
-        result[f"prompt_{mode}"] = float(np.mean(prompt_hits))
-        result[f"inst_{mode}"] = float(np.mean(inst_hits))
-        result["offline_errors"] = errors  # prompts whose checks need NLTK data not shipped on PyPI
+def ifbench_verdicts(lib, row, responses, mode):
+    """One verdict per instruction of an IFBench prompt by IFBench's own test (strict or loose), each
+    instruction tested alone (its verdict depends on the response and its own arguments only): True,
+    False, or None where the check needs NLTK data that no package installable here ships (the
+    stopwords corpus, the averaged perceptron POS tagger) and raises LookupError. An empty response
+    fails without a check, as in IFBench, so it is never None."""
+    test = lib.test_instruction_following_strict if mode == "strict" else lib.test_instruction_following_loose
+    out = []
+    for type_id, kw in zip(row["instruction_id_list"], row["kwargs"]):
+        inp = lib.InputExample(key=row["key"], instruction_id_list=[type_id], prompt=row["prompt"],
+                               kwargs=[{a: v for a, v in kw.items() if v is not None}])
+        try:
+            out.append(test(inp, responses).follow_instruction_list[0])
+        except LookupError:
+            out.append(None)
+    return out
+
+
+def ifbench_bounds(lib, rows, responses):
+    """IFBench's four accuracies on all its prompts, as bounds: the unscorable verdicts (None) counted
+    as failures (low) and as passes (high); a prompt with a failed instruction fails whatever the
+    unscorable ones say. Also the accuracies on the checkable subset (prompts without an unscorable
+    instruction), named as such wherever shown."""
+    result = {"prompts": len(rows)}
+    for mode in ("strict", "loose"):
+        verdicts = [ifbench_verdicts(lib, r, responses, mode) for r in rows]
+        flat = [v for vs in verdicts for v in vs]
+        known_pass = [all(v is True for v in vs) for vs in verdicts]
+        open_ = [None in vs and False not in vs for vs in verdicts]
+        subset = [vs for vs in verdicts if None not in vs]
+        result.update({f"prompt_{mode}_low": float(np.mean(known_pass)),
+                       f"prompt_{mode}_high": float(np.mean([a or b for a, b in zip(known_pass, open_)])),
+                       f"inst_{mode}_low": float(np.mean([v is True for v in flat])),
+                       f"inst_{mode}_high": float(np.mean([v is not False for v in flat])),
+                       f"prompt_{mode}_subset": float(np.mean([all(vs) for vs in subset])),
+                       f"inst_{mode}_subset": float(np.mean([v for vs in subset for v in vs]))})
+        result["subset_prompts"] = len(subset)
+        result["unscored_instructions"] = sum(v is None for v in flat)
+        result["unscored_types"] = sorted({t for r, vs in zip(rows, verdicts) for t, v in zip(r["instruction_id_list"], vs)
+                                           if v is None})
+    return result
 
 
 if __name__ == "__main__":
