@@ -259,7 +259,9 @@ def unsatisfiable(types, kwargs):
     - a type pair of WORLD_CONFLICTS;
     - a keyword to appear fewer than f times where the other instructions force it f times or more
       (the checker counts it case-insensitively, inside words too: "art" in "PART 1");
-    - fewer than c all-capital words where c or more section markers ("SECTION 1") are required.
+    - fewer than c all-capital words where c or more section markers ("SECTION 1") are required;
+    - one sentence with a postscript marked "P.S." and an end phrase: punkt ends a sentence at
+      "P.S." whatever follows it, and the end phrase must follow it.
     The end phrase and the postscript marker force no capital word: their checkers lowercase the
     response. tests/worlds/test_instruct_benchmark.py searches for a response that follows every
     combination the builders can draw and finds one exactly when this returns None."""
@@ -274,6 +276,10 @@ def unsatisfiable(types, kwargs):
     forced = [f"{sections['section_spliter']} {i}" for i in range(1, sections["num_sections"] + 1)] if sections else []
     forced += [args[t][k] for t, k in (("startend:end_checker", "end_phrase"),
                                        ("detectable_content:postscript", "postscript_marker")) if t in args]
+    postscript = args.get("detectable_content:postscript", {}).get("postscript_marker")
+    if sentences and sentences["relation"] == "less than" and sentences["num_sentences"] <= 2 \
+            and postscript == "P.S." and "startend:end_checker" in args:
+        return "one sentence, a postscript marked P.S. and an end phrase after it (NLTK's punkt ends a sentence there)"
     keyword = args.get("keywords:frequency")
     if keyword and keyword["relation"] == "less than":
         count = sum(text.lower().count(keyword["keyword"].lower()) for text in forced)

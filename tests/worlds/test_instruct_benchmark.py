@@ -55,6 +55,7 @@ def test_a_cut_punkt_file_is_written_again_before_the_checkers_read_it(tmp_path)
 FILLER = ["the sun is warm and the sky is blue", "we like to walk by the river in the evening",
           "birds sing in the morning light", "the old tree stands in the quiet field", "you should rest now",
           "my dog sleeps by the door", "the hills look green", "he writes to me on sundays"]
+PHRASES = ["the cat", "the sun"]  # short, and English to langdetect even when repeated
 WORDS = ["sun", "sky", "tree", "blue", "dog", "wind", "hill", "road", "lemon", "river", "bird", "snow"]
 
 
@@ -64,25 +65,32 @@ def witness(types, kwargs, reg):
     args = dict(zip(types, kwargs))
     keyword = args.get("keywords:frequency")
     avoid = keyword["keyword"].lower() if keyword and keyword["relation"] == "less than" else None
-    words = [w for w in WORDS if not avoid or avoid not in w]
-    filler = [f for f in FILLER if not avoid or avoid not in f]
+    words, phrases, filler = ([w for w in pool if not avoid or avoid not in w] for pool in (WORDS, PHRASES, FILLER))
     if not words or not filler:
         return None
-    ps = (False, True) if "detectable_content:postscript" in args else (False,)
-    for lower, one_sentence, short, pad, bare_ps, caps_end in itertools.product(
-            (False, True), (True, False), (True, False), (0, 60), ps, (False, True) if not avoid else (False,)):
-        y = compose(args, words, filler, lower, one_sentence, short, pad, bare_ps, caps_end)
+    units = [words[0]] + phrases[:1] + filler[:1]  # a word, a short phrase, a sentence
+    has = lambda *ts: any(t in args for t in ts)  # the ways of writing worth trying: only where they can matter
+    capital = args.get("change_case:capital_word_frequency", {}).get("capital_relation")
+    for lower, one_sentence, unit, pad, bare_ps, caps_end in itertools.product(
+            ("all",) if has("change_case:english_lowercase") else ("none", "tail") if capital == "less than" else ("none",),
+            (True, False) if has("length_constraints:number_sentences") else (True,),
+            units[::-1] if has("change_case:english_lowercase") else units[:1],
+            (0, 60) if has("change_case:english_lowercase", "length_constraints:number_words") else (0,),
+            (False, True) if has("detectable_content:postscript") else (False,),
+            (False, True) if capital == "at least" and has("startend:end_checker") else (False,)):
+        y = compose(args, words, filler, lower, one_sentence, unit, pad, bare_ps, caps_end)
         if all(instruct.follow_list(y, types, kwargs, "p", reg=reg)):
             return y
     return None
 
 
-def compose(args, words, filler, lower, one_sentence, short, pad, bare_ps, caps_end):
-    """One response from parts: each instruction's required pieces; filler (one word or an English
-    sentence, `pad` more words of it; short: no filler where a piece stands alone); the postscript
-    (bare: its marker alone) and the end phrase (caps_end: in capitals, counted as capital words) last."""
+def compose(args, words, filler, lower, one_sentence, unit, pad, bare_ps, caps_end):
+    """One response from parts: each instruction's required pieces; the filler `unit` (a word, a
+    short phrase or a sentence; a lone word is left out where a piece can stand alone), `pad` more
+    words of filler; the postscript (bare: its marker alone) and the end phrase (caps_end: in
+    capitals, counted as capital words) last; lower: "all" the text or the "tail" in lowercase."""
     end = "" if one_sentence else "."
-    unit = words[0] if short else filler[0]
+    short = unit == words[0]
     head = [unit]
     sections = args.get("detectable_format:multiple_sections")
     end_phrase = args.get("startend:end_checker", {}).get("end_phrase", "")
@@ -99,13 +107,14 @@ def compose(args, words, filler, lower, one_sentence, short, pad, bare_ps, caps_
     if capital and capital["capital_relation"] == "at least":
         head.append(" ".join(w.upper() for w in (words * 10)[:max(0, capital["capital_frequency"] - capitals_given)]))
     if "detectable_format:number_highlighted_sections" in args:
-        head.append(" ".join(f"*{w}*" for w in words[:args["detectable_format:number_highlighted_sections"]["num_highlights"]]))
+        highlights = args["detectable_format:number_highlighted_sections"]["num_highlights"]
+        head.append(" ".join([words[0]] + [f"*{w}*" for w in words[:highlights]]))  # not at a line's start: a bullet
     if "detectable_content:number_placeholders" in args:
         head.append(" ".join(f"[{w}]" for w in words[:args["detectable_content:number_placeholders"]["num_placeholders"]]))
     head += [" ".join(filler)] * (pad // 10)
     head = [h for h in head if h]
-    if short and len(head) > 1 and not (sentences and sentences["relation"] == "at least"):
-        head = head[1:]  # the pieces stand alone
+    if short and not (sentences and sentences["relation"] == "at least"):
+        head = head[1:]  # the pieces stand alone (a word is put back below if nothing else is written)
     blocks = [(" " if one_sentence else ". ").join(head) + end] if head else []
     if "detectable_format:number_bullet_lists" in args:
         blocks.append("\n".join(f"* {w}" for w in (words * 4)[:args["detectable_format:number_bullet_lists"]["num_bullets"]]))
@@ -123,11 +132,12 @@ def compose(args, words, filler, lower, one_sentence, short, pad, bare_ps, caps_
     if end_phrase:
         tail.append(end_phrase)
     if tail:
-        blocks = blocks[:-1] + ["\n".join(blocks[-1:] + [" ".join(tail)])]
+        tail = " ".join(tail)
+        blocks = blocks[:-1] + ["\n".join(blocks[-1:] + [tail.lower() if lower == "tail" else tail])]
     if not blocks:
         return unit
     text = ("\n***\n" if paragraphs else "\n").join(blocks)
-    return text.lower() if lower else text
+    return text.lower() if lower == "all" else text
 
 
 def argument_values(type_id, reg):
@@ -177,12 +187,19 @@ def test_the_argument_ranges_are_the_builders():
 
 
 def test_every_combination_the_builders_can_draw_is_followable_exactly_when_it_is_built():
+    # For every set of 1-3 types the registry allows together and every argument the builders can
+    # draw (argument_values), the world builds it exactly when the search finds a response that
+    # IFEval's checkers pass. A set holding a pair the world refuses is refused whatever is added
+    # (more instructions never make a response easier), so only the pair itself is searched.
     reg = instruct.registry()
     registry_ok = lambda ts: all(b not in reg.INSTRUCTION_CONFLICTS[a] for a in ts for b in ts if a != b)
     mismatches, built, refused = [], 0, 0
     for n in (1, 2, 3):
         for types in itertools.combinations(instruct.TYPES, n):
             if not registry_ok(types):
+                continue
+            if n == 3 and any(pair <= set(types) for pair in instruct.WORLD_CONFLICTS):
+                assert not instruct.compatible(types)
                 continue
             for kwargs in itertools.product(*(argument_values(t, reg) for t in types)):
                 builds = instruct.compatible(types) and instruct.unsatisfiable(types, list(kwargs)) is None
