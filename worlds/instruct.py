@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from machinery.lm import load_model, load_tokenizer, response_end_ids
-from machinery.records import InputError, build_once, cache_root, write_json, write_records
+from machinery.records import InputError, build_once, cache_root, path_stamp, write_json, write_records
 from worlds.gguf import convert, require
 from worlds.sentiment import distinct_2, sample_logps, win_probability  # the same sample statistics
 
@@ -512,36 +512,50 @@ def export_alpaca_eval(records, path, generator):
                        "dataset": "sppo-instruct-heldout"} for r in records])
 
 
+def shared_eval_dir(world, backend="hf", dtype="auto"):
+    """Where pi_0's evaluation (its samples, checks, log-probs; IFBench's scores) is kept for every
+    run and sweep cell of a world: named by a hash of what the evaluation reads and computes with
+    (the held-out prompts, the model's files, this module's code and settings, the stages' sampling
+    code, the sampler's backend and dtype). pi_0 is the same model with the same prompts and seeds
+    in every run, so its evaluation is the same; computing it once saves one evaluation per run."""
+    import hashlib
+    here = Path(__file__).resolve().parent.parent
+    code = b"".join((here / name).read_bytes() for name in ("worlds/instruct.py", "generate.py", "machinery/lm.py"))
+    key = json.dumps([hashlib.sha256(code).hexdigest(), hashlib.sha256(Path(world["eval_prompts"]).read_bytes()).hexdigest(),
+                      path_stamp(world["model"]), backend, dtype])
+    return cache_root() / "evals" / f"instruct-pi0-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
 def evaluate(model_dirs, world, run_dir, max_new_tokens=EVAL_MAX_NEW_TOKENS, samples=EVAL_SAMPLES, limit=None,
-             sample=None, final=False, ifbench_limit=None):
+             sample=None, final=False, ifbench_limit=None, shared=None):
     """One row per policy pi_0..pi_T on the held-out prompts.
 
     Each policy's samples (`samples` per prompt, the same seeds for every policy, decoded as the
     official evaluation: T 0.7, top_p 0.9), their checks and log-probs are cached in
     run_dir/iter{t}/, so a later iteration evaluates only the new policy. sample:
     generate.sampler(the run's backend). final (the run's last policy): IFBench's scores of pi_0 and
-    of it too (ifbench_scores).
+    of it too (ifbench_scores). shared (shared_eval_dir, for the full evaluation only): pi_0's
+    evaluation is made there once and copied into the run directory.
     """
     from generate import sampler
     sample = sample or sampler()
     eval_prompts = [json.loads(line) for line in Path(world["eval_prompts"]).read_text().splitlines()][:limit]
-    end_ids = None
     base = None
     policies = []
     for t, model_dir in enumerate(model_dirs):
         cache = Path(run_dir) / f"iter{t}" / "eval_samples.json"
+        if not cache.exists() and t == 0 and shared is not None:
+            with build_once(shared) as tmp:
+                if tmp is not None:
+                    write_json(tmp / "eval_samples.json", policy_stats(model_dir, None, eval_prompts, sample, samples,
+                                                                       max_new_tokens, tmp, "instruct-iter0"))
+            copy_atomically(Path(shared) / "eval_samples.json", cache)
+            copy_atomically(Path(shared) / "model_outputs.json", cache.with_name("model_outputs.json"))
         if not cache.exists():
-            records = sample(model_dir, eval_prompts, samples, temperature=EVAL_TEMPERATURE, top_p=EVAL_TOP_P,
-                             max_new_tokens=max_new_tokens, seed=EVAL_SEED, batch_size=16, desc=f"eval samples pi_{t}")
-            tokenizer, model = load_tokenizer(model_dir), load_model(model_dir).eval()
-            logp_t, lengths = sample_logps(model, tokenizer, records)
-            if base is None:
-                base = (tokenizer, model) if t == 0 else (load_tokenizer(model_dirs[0]), load_model(model_dirs[0]).eval())
-            logp_0 = logp_t if t == 0 else sample_logps(base[1], base[0], records)[0]
-            end_ids = response_end_ids(tokenizer)
-            export_alpaca_eval(records, Path(run_dir) / f"iter{t}" / "model_outputs.json", f"instruct-iter{t}")
-            write_json(cache, {"records": records, "checks": check_records(records), "logp_pi0": logp_0,
-                               "logp_pit": logp_t, "tokens": lengths, "end_ids": end_ids})
+            if t > 0 and base is None:
+                base = (load_tokenizer(model_dirs[0]), load_model(model_dirs[0]).eval())
+            write_json(cache, policy_stats(model_dir, base, eval_prompts, sample, samples, max_new_tokens, cache.parent,
+                                           f"instruct-iter{t}"))
         policies.append(json.loads(cache.read_text()))
     rows = []
     for t, stats in enumerate(policies):
@@ -559,11 +573,36 @@ def evaluate(model_dirs, world, run_dir, max_new_tokens=EVAL_MAX_NEW_TOKENS, sam
         row["kl_estimate"] = float(np.mean(np.array(stats["logp_pit"]) - np.array(stats["logp_pi0"])))
         row["samples"] = [(user_message(r["prompt"]), r["responses"][0]) for r in records[:2]]
         rows.append(row)
-    if final:  # an outside benchmark, once per run: the first policy and the last
+    if final:  # an outside benchmark, once per run: the first policy (from the shared directory) and the last
         for t in sorted({0, len(model_dirs) - 1}):
-            rows[t]["ifbench"] = ifbench_scores(model_dirs[t], Path(run_dir) / f"iter{t}", limit=ifbench_limit,
-                                                sample=sample)
+            out = Path(shared) if t == 0 and shared is not None else Path(run_dir) / f"iter{t}"
+            rows[t]["ifbench"] = ifbench_scores(model_dirs[t], out, limit=ifbench_limit, sample=sample)
+            if out != Path(run_dir) / f"iter{t}":
+                for name in ("ifbench.json", "ifbench_responses.jsonl"):
+                    copy_atomically(out / name, Path(run_dir) / f"iter{t}" / name)
     return rows
+
+
+def policy_stats(model_dir, base, eval_prompts, sample, samples, max_new_tokens, out_dir, generator):
+    """A policy's evaluation samples, their checks and log-probs under it and under pi_0 (base:
+    (tokenizer, model) of pi_0, None when the policy is pi_0); its AlpacaEval outputs in out_dir."""
+    records = sample(model_dir, eval_prompts, samples, temperature=EVAL_TEMPERATURE, top_p=EVAL_TOP_P,
+                     max_new_tokens=max_new_tokens, seed=EVAL_SEED, batch_size=16, desc=f"eval samples {generator}")
+    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir).eval()
+    logp_t, lengths = sample_logps(model, tokenizer, records)
+    logp_0 = logp_t if base is None else sample_logps(base[1], base[0], records)[0]
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    export_alpaca_eval(records, Path(out_dir) / "model_outputs.json", generator)
+    return {"records": records, "checks": check_records(records), "logp_pi0": logp_0, "logp_pit": logp_t,
+            "tokens": lengths, "end_ids": response_end_ids(tokenizer)}
+
+
+def copy_atomically(src, dst):
+    """dst as a copy of src, written under a temporary name and renamed."""
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(dst).with_name(f".{Path(dst).name}.tmp{os.getpid()}")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def format_table(rows) -> str:

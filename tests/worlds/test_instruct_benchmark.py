@@ -247,3 +247,35 @@ def test_ifbench_bounds_are_the_scores_with_the_missing_data_all_passing_or_all_
             assert bounds[f"inst_{mode}_{side}"] == sum(flat) / len(flat)
     # a prompt passes for certain only when all its verdicts are known
     assert abs(bounds["prompt_strict_low"] - bounds["prompt_strict_subset"] * bounds["subset_prompts"] / 294) < 1e-12
+
+
+# ---- pi_0's evaluation made once per world and backend -------------------------------------------------------
+
+
+def test_pi0_evaluation_is_made_once_and_equals_a_run_of_its_own(toy_world, tmp_path, monkeypatch):
+    # the toy world's model stands in for SmolLM2 (any chat model samples the instruct prompts)
+    import json
+    from generate import sampler
+    monkeypatch.setenv("SPPO_CACHE", str(tmp_path / "cache"))
+    train, held = instruct.make_prompts(seed=0)
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held[:2]))
+    world = {"eval_prompts": tmp_path / "eval.jsonl", "model": toy_world["model"]}
+    calls = []
+
+    def counting(model_dir, records, K, **kw):
+        calls.append(model_dir)
+        return sampler()(model_dir, records, K, **kw)
+
+    shared = instruct.shared_eval_dir(world, "hf", "auto")
+    assert shared != instruct.shared_eval_dir(world, "vllm", "auto")
+    model = str(toy_world["model"])
+    settings = dict(samples=2, max_new_tokens=8, sample=counting)
+    first = instruct.evaluate([model], world, tmp_path / "a", shared=shared, **settings)
+    second = instruct.evaluate([model, model], world, tmp_path / "b", shared=shared, **settings)
+    assert len(calls) == 2  # pi_0 once for both runs, and run b's pi_1
+    alone = instruct.evaluate([model], world, tmp_path / "c", **settings)  # no shared directory: made in the run
+    for run in ("a", "b"):
+        assert (tmp_path / run / "iter0" / "eval_samples.json").read_bytes() == \
+            (tmp_path / "c" / "iter0" / "eval_samples.json").read_bytes()
+    strip = lambda row: {k: v for k, v in row.items() if k != "samples"}
+    assert strip(first[0]) == strip(second[0]) == strip(alone[0])
