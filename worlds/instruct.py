@@ -534,12 +534,14 @@ def evaluate(model_dirs, world, run_dir, max_new_tokens=EVAL_MAX_NEW_TOKENS, sam
     official evaluation: T 0.7, top_p 0.9), their checks and log-probs are cached in
     run_dir/iter{t}/, so a later iteration evaluates only the new policy. sample:
     generate.sampler(the run's backend). final (the run's last policy): IFBench's scores of pi_0 and
-    of it too (ifbench_scores). shared (shared_eval_dir, for the full evaluation only): pi_0's
-    evaluation is made there once and copied into the run directory.
+    of it too (ifbench_scores). shared (shared_eval_dir): pi_0's evaluation is made there once (in a
+    subdirectory named by these settings) and copied into the run directory.
     """
     from generate import sampler
     sample = sample or sampler()
     eval_prompts = [json.loads(line) for line in Path(world["eval_prompts"]).read_text().splitlines()][:limit]
+    if shared is not None:  # and the evaluation's own settings
+        shared = Path(shared) / f"samples{samples}-tokens{max_new_tokens}-limit{limit}-ifbench{ifbench_limit}"
     base = None
     policies = []
     for t, model_dir in enumerate(model_dirs):
@@ -549,8 +551,8 @@ def evaluate(model_dirs, world, run_dir, max_new_tokens=EVAL_MAX_NEW_TOKENS, sam
                 if tmp is not None:
                     write_json(tmp / "eval_samples.json", policy_stats(model_dir, None, eval_prompts, sample, samples,
                                                                        max_new_tokens, tmp, "instruct-iter0"))
-            copy_atomically(Path(shared) / "eval_samples.json", cache)
-            copy_atomically(Path(shared) / "model_outputs.json", cache.with_name("model_outputs.json"))
+            copy_atomically(shared / "model_outputs.json", cache.with_name("model_outputs.json"))
+            copy_atomically(shared / "eval_samples.json", cache)  # last: its presence says the copy is whole
         if not cache.exists():
             if t > 0 and base is None:
                 base = (load_tokenizer(model_dirs[0]), load_model(model_dirs[0]).eval())
