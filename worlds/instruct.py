@@ -131,7 +131,10 @@ def nltk_data_dir(root=None) -> Path:
             for name, text in texts.items():
                 (tmp / name).write_text(text, encoding="utf-8", newline="")
             shutil.rmtree(lang, ignore_errors=True)
-            os.replace(tmp, lang)
+            try:
+                os.replace(tmp, lang)
+            except OSError:  # another process put the same files there in the meantime
+                shutil.rmtree(tmp, ignore_errors=True)
         _checked_punkt[lang] = _file_stats(lang)
     if str(data) not in nltk.data.path:
         nltk.data.path.insert(0, str(data))
