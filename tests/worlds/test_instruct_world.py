@@ -80,7 +80,8 @@ def test_evaluation_of_a_policy_against_itself_with_ifbench(world, tmp_path):
     assert a["P_vs_pi0"] == b["P_vs_pi0"] == 0.5 and abs(b["kl_estimate"]) < 1e-3
     assert a["inst_strict_all"] == b["inst_strict_all"] and a["ifbench"] == b["ifbench"]
     bench = a["ifbench"]
-    assert bench["prompts"] == 3 and 0 <= bench["inst_strict"] <= bench["inst_loose"] <= 1
+    assert bench["prompts"] == 3 and 0 <= bench["inst_strict_low"] <= bench["inst_strict_high"] <= 1
+    assert bench["inst_strict_low"] <= bench["inst_loose_low"] and bench["inst_strict_high"] <= bench["inst_loose_high"]
     responses = read(tmp_path / "iter0" / "ifbench_responses.jsonl")
     assert len(responses) == 3 and all(len(r["responses"]) == 1 for r in responses)
     table = instruct.format_table(rows)
