@@ -18,7 +18,7 @@ import iterate
 import rank
 from machinery import flags, launch, vllm_backend
 from machinery.lm import load_tokenizer, row_seed
-from machinery.records import write_records
+from machinery.records import one_line_errors, write_records
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -120,10 +120,10 @@ def test_iterate_refuses_a_missing_package_before_writing_the_run_directory(monk
                                                                            package, flag):
     monkeypatch.setitem(sys.modules, package, None)  # not importable in this Python
     run_dir = tmp_path / "run"
-    with pytest.raises(SystemExit) as e:
-        iterate.main(["--model", str(toy_world["model"]), "--prompts", str(prompts_file(tmp_path)), "--iterations", "1",
+    with pytest.raises(SystemExit) as e:  # under the scripts' handler: bad input is one line, exit 2
+        one_line_errors(lambda: iterate.main(["--model", str(toy_world["model"]), "--prompts", str(prompts_file(tmp_path)), "--iterations", "1",
                       "--judge_path", str(toy_world["judge_path"]), "--run_dir", str(run_dir), *flag,
-                      "--max_new_tokens", "8", "--warmup_ratio", "0"])  # otherwise valid: 1 step, at lr 5e-7
+                      "--max_new_tokens", "8", "--warmup_ratio", "0"]))  # otherwise valid: 1 step, at lr 5e-7
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1, err
     assert err[0].startswith(f"error: --{flag[-2][2:]} {flag[-1]} needs the package {package}, which "), err
@@ -139,7 +139,7 @@ def test_rank_and_generate_refuse_a_missing_package_before_any_work(monkeypatch,
                        (generate.main, ["--model", str(toy_world["model"]), "--prompts", str(prompts_file(tmp_path)),
                                         "--out", str(tmp_path / "g.jsonl"), "--backend", "vllm", "--max_new_tokens", "8"])]:
         with pytest.raises(SystemExit) as e:
-            main(argv)
+            one_line_errors(lambda: main(argv))
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and "needs the package" in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl", "r.jsonl"]
