@@ -157,8 +157,6 @@ def check_inputs(args, world, local_rank):
     """The prompts, read and checked, and the vLLM engine's arguments (None with --backend hf).
     Every rank checks paths and the whole file before any work, so bad input stops all ranks
     alike: InputError, one line and exit 2 (records.one_line_errors)."""
-    if (missing := missing_package(args)):  # --backend vllm without vllm
-        raise InputError(missing)
     check_model_path(args.model)
     check_output(args.out)
     records = read_records(args.prompts, stage="prompts")
@@ -176,6 +174,8 @@ def check_inputs(args, world, local_rank):
     if args.backend != "vllm":
         return records, None
     check_engine_settings(temperature=args.temperature)  # the engine's own limits, before it starts
+    if (missing := missing_package(args)):  # --backend vllm without vllm
+        raise InputError(missing)
     prepare_vllm_process(local_rank, world, args.tensor_parallel_size)  # vLLM picks its device: no CUDA query before
     return records, engine_kwargs(args.model, max(map(len, prompt_ids)) + args.max_new_tokens, args.dtype,
                                   args.kv_cache_gib, args.enforce_eager, args.seed, args.tensor_parallel_size,

@@ -107,12 +107,11 @@ def iterations(args, world, slices, start):
 
 def check_settings(args):
     """What the flags alone decide, checked before a world is built or the run directory written (and by
-    a sweep for each cell before the first runs): the judge's and the backend's packages, greedy sampling of K identical responses, the vLLM
+    a sweep for each cell before the first runs): greedy sampling of K identical responses, the vLLM
     engine's limits (vllm_backend.check_engine_settings), --eval_best_of against the samples a built-in
-    world's evaluation draws, and a built world's files (records.check_built)."""
+    world's evaluation draws, a built world's files (records.check_built), and the judge's and the
+    backend's packages."""
     from machinery.vllm_backend import check_engine_settings
-    if not args.dry_run and (missing := missing_package(args)):  # the judge's package and the backend's
-        raise InputError(missing)
     if args.temperature == 0:
         raise InputError(f"--temperature 0: greedy decoding gives each prompt {args.K} identical responses, which "
                          "every judge ties: SPPO would learn nothing; give a temperature > 0")
@@ -128,6 +127,8 @@ def check_settings(args):
         world_dir = Path(args.world_dir or default_world_dir(args.preset, args.seed))
         if (world_dir / BUILT).exists():
             check_built(world_dir)
+    if not args.dry_run and (missing := missing_package(args)):  # the judge's package and the backend's
+        raise InputError(missing)
 
 
 def open_world(args):

