@@ -189,6 +189,11 @@ def test_logps_on_the_real_vocabulary_match_a_float64_reference(gemma_dir, gemma
         (values * torch.tensor([1.0, -2.0, 0.5], dtype=values.dtype)).sum().backward()
         out.append((values.detach().double(), layer.grad.clone()))
     (ref, ref_grad), (got, grad), (plain, plain_grad) = out
-    assert (plain - ref).abs().max() < 2e-4 and (plain_grad - ref_grad).norm() / ref_grad.norm() < 1e-4
-    assert (got - ref).abs().max() < 2e-4 and ref.min() < -10, (got, ref)
+    # fp32 against float64 heads: the error grows with the size of each logit and of the sum, and its
+    # last digits depend on the host's GEMM kernels (AVX2 and AVX-512 hosts round differently), so the
+    # bound is relative: ~1e-5 of the sum is fp32 rounding; a wrong mask or shift would be whole nats
+    def close(a):
+        return ((a - ref).abs() / ref.abs()).max() < 2e-5
+    assert close(plain) and (plain_grad - ref_grad).norm() / ref_grad.norm() < 1e-4, (plain, ref)
+    assert close(got) and ref.min() < -10, (got, ref)
     assert (grad - ref_grad).norm() / ref_grad.norm() < 1e-4, (grad - ref_grad).norm() / ref_grad.norm()
