@@ -211,6 +211,9 @@ def report(args, world, stage, models, timings):
     """After iteration t = len(models) - 1: the outputs of pi_t on --eval_prompts in AlpacaEval's
     format, and a built-in world's held-out metrics of pi_0 .. pi_t (each policy scored once)."""
     t, run_dir = len(models) - 1, args.run_dir
+    skip = frozenset() if args.eval_every_iteration else frozenset(range(1, args.iterations))
+    if t in skip:  # --no-eval_every_iteration: pi_0 and the last policy only
+        return
     if args.eval_prompts:
         out = run_dir / f"iter{t}" / "eval_responses.jsonl"
         stage("generate", t, out, step="export", model=models[-1], prompts=run_dir / "eval_prompts.jsonl", out=out,
@@ -236,7 +239,7 @@ def report(args, world, stage, models, timings):
         shared = getattr(world["module"], "shared_eval_dir", None)
         rows = world["module"].evaluate(models, world, run_dir, final=t == args.iterations,  # samples with --backend
                                         sample=sampler(args.backend, args.dtype, args.kv_cache_gib, args.enforce_eager,
-                                                       args.gpu_memory_utilization),
+                                                       args.gpu_memory_utilization), skip=skip,
                                         **({"shared": shared(world, args.backend, args.dtype)} if shared else {}))
         if not args.in_process:  # the stages start engines of their own: this one would take their cores and memory
             close_engine()

@@ -19,7 +19,7 @@ DTYPES = ("auto", "float32", "bfloat16")
 # flags that change how the work runs, not what it computes (up to rounding): a run directory
 # (iterate.py) and a training checkpoint (checkpoint.py) are resumed across a change of these
 RESUME_FREE = ("dry_run", "nproc_per_node", "run_dir", "in_process", "save_every", "micro_batch", "grad_checkpointing",
-               "cpu_offload", "peak_tflops", "reduce_every_micro_batch")
+               "cpu_offload", "peak_tflops", "reduce_every_micro_batch", "eval_every_iteration")
 
 
 def changed_settings(saved, now):
@@ -325,6 +325,10 @@ def iterate_parser(description=None):
     ap.add_argument("--eval_best_of", type=positive_int, default=1,
                     help="N > 1: also N samples per --eval_prompts prompt, decoded as above, and the judge's best of "
                          "them in AlpacaEval format (iterT/model_outputs_best_of_N.json)")
+    ap.add_argument("--eval_every_iteration", action=argparse.BooleanOptionalAction, default=True,
+                    help="evaluate every policy pi_0..pi_T (a built-in world's held-out metrics, the --eval_prompts "
+                    "outputs); --no-eval_every_iteration: pi_0 and the last policy only, for sweeps that read the last "
+                    "iterate (the toy world's exact evaluation still scores every policy: it costs next to nothing)")
     ap.add_argument("--run_dir", help="default runs/{preset}-seed{seed}")
     ap.add_argument("--world_dir", help="a built-in world's directory, built there once and reused; default: "
                     "$SPPO_CACHE (else ~/.cache/sppo)/worlds/{preset}-seed{seed}-{hash of the world's code}, "

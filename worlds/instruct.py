@@ -15,7 +15,7 @@ prompt files, a judge for rank.py) plus an evaluator:
   instruction types: EVAL_TASKS never appear in training, and UNSEEN_TYPES appear only in
   held-out prompts (each held-out prompt is "seen" or "unseen" by its types).
 - judge (`instruct:InstructJudge`): a response's score is the fraction of its prompt's instructions
-  that the IFEval checkers find followed (strict); P(y_i > y_j) = sigmoid((s_i - s_j) / TAU). It
+  that the IFEval checkers find followed (strict); P(y_i > y_j) = 1/2 + (s_i - s_j)/2. It
   reads the prompt as rank.py gives it (the last user message, or with --judge_prompt template the
   rendered chat template) and finds the prompt's instruction ids and arguments by the user
   message text in the world's `instructions.json` (--judge_path).
@@ -530,8 +530,9 @@ def shared_eval_dir(world, backend="hf", dtype="auto"):
 
 
 def evaluate(model_dirs, world, run_dir, max_new_tokens=EVAL_MAX_NEW_TOKENS, samples=EVAL_SAMPLES, limit=None,
-             sample=None, final=False, ifbench_limit=None, shared=None):
-    """One row per policy pi_0..pi_T on the held-out prompts.
+             sample=None, final=False, ifbench_limit=None, shared=None, skip=()):
+    """One row per policy pi_0..pi_T on the held-out prompts, but for the iterations in skip (iterate.py
+    --no-eval_every_iteration: the intermediate policies, whose samples would cost as much as the last one's).
 
     Each policy's samples (`samples` per prompt, the same seeds for every policy, decoded as the
     official evaluation: T 0.7, top_p 0.9), their checks and log-probs are cached in
@@ -546,8 +547,10 @@ def evaluate(model_dirs, world, run_dir, max_new_tokens=EVAL_MAX_NEW_TOKENS, sam
     if shared is not None:  # and the evaluation's own settings
         shared = Path(shared) / f"samples{samples}-tokens{max_new_tokens}-limit{limit}-ifbench{ifbench_limit}"
     base = None
-    policies = []
+    policies = {}  # iteration -> its policy's samples, checks and log-probs
     for t, model_dir in enumerate(model_dirs):
+        if t in skip:
+            continue
         cache = Path(run_dir) / f"iter{t}" / "eval_samples.json"
         if not cache.exists() and t == 0 and shared is not None:
             with build_once(shared) as tmp:
@@ -561,9 +564,9 @@ def evaluate(model_dirs, world, run_dir, max_new_tokens=EVAL_MAX_NEW_TOKENS, sam
                 base = (load_tokenizer(model_dirs[0]), load_model(model_dirs[0]).eval())
             write_json(cache, policy_stats(model_dir, base, eval_prompts, sample, samples, max_new_tokens, cache.parent,
                                            f"instruct-iter{t}"))
-        policies.append(json.loads(cache.read_text()))
+        policies[t] = json.loads(cache.read_text())
     rows = []
-    for t, stats in enumerate(policies):
+    for t, stats in policies.items():
         records, checks = stats["records"], stats["checks"]
         row = {"iteration": t, **accuracies(records, checks),
                **{f"bo{samples}_{k}": v for k, v in accuracies(records, checks, best_of=True).items()}}
@@ -581,7 +584,7 @@ def evaluate(model_dirs, world, run_dir, max_new_tokens=EVAL_MAX_NEW_TOKENS, sam
     if final:  # an outside benchmark, once per run: the first policy (from the shared directory) and the last
         for t in sorted({0, len(model_dirs) - 1}):
             out = Path(shared) if t == 0 and shared is not None else Path(run_dir) / f"iter{t}"
-            rows[t]["ifbench"] = ifbench_scores(model_dirs[t], out, limit=ifbench_limit, sample=sample)
+            rows[list(policies).index(t)]["ifbench"] = ifbench_scores(model_dirs[t], out, limit=ifbench_limit, sample=sample)
             if out != Path(run_dir) / f"iter{t}":
                 for name in ("ifbench.json", "ifbench_responses.jsonl"):
                     copy_atomically(out / name, Path(run_dir) / f"iter{t}" / name)

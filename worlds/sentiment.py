@@ -139,8 +139,9 @@ def sample_logps(model, tokenizer, records, batch_size=16):
     return torch.cat(out).tolist(), [len(r) for _, r in pairs]
 
 
-def evaluate(model_dirs, world, run_dir, max_new_tokens=24, sample=None, final=False):
-    """One row per policy pi_0..pi_T on the held-out prompts.
+def evaluate(model_dirs, world, run_dir, max_new_tokens=24, sample=None, final=False, skip=()):
+    """One row per policy pi_0..pi_T on the held-out prompts, but for the iterations in skip (iterate.py
+    --no-eval_every_iteration).
 
     Each policy's samples (EVAL_SAMPLES per prompt, the same seeds for every policy, so the
     comparisons are paired) and their scores and log-probs are cached in run_dir/iter{t}/, so a
@@ -152,8 +153,10 @@ def evaluate(model_dirs, world, run_dir, max_new_tokens=24, sample=None, final=F
     eval_prompts = [json.loads(line) for line in Path(world["eval_prompts"]).read_text().splitlines()]
     scorers = lexicon_scorers()
     base = None
-    policies = []
+    policies = {}  # iteration -> its policy's samples, scores and log-probs
     for t, model_dir in enumerate(model_dirs):
+        if t in skip:
+            continue
         cache = Path(run_dir) / f"iter{t}" / "eval_samples.json"
         if not cache.exists():
             records = sample(model_dir, eval_prompts, EVAL_SAMPLES, max_new_tokens=max_new_tokens, seed=EVAL_SEED,
@@ -167,9 +170,9 @@ def evaluate(model_dirs, world, run_dir, max_new_tokens=24, sample=None, final=F
             write_json(cache, {"texts": texts, "responses": [y for r in records for y in r["responses"]],
                                "scores": {name: [f(s) for s in texts] for name, f in scorers.items()},
                                "logp_pi0": logp_0, "logp_pit": logp_t, "tokens": lengths})
-        policies.append(json.loads(cache.read_text()))
+        policies[t] = json.loads(cache.read_text())
     rows = []
-    for t, stats in enumerate(policies):
+    for t, stats in policies.items():
         row = {"iteration": t, "vader": float(np.mean(stats["scores"]["vader"])),
                "afinn": float(np.mean(stats["scores"]["afinn"])), "textblob": float(np.mean(stats["scores"]["textblob"]))}
         for name in scorers:  # pi_t's samples of a prompt against pi_0's samples of the same prompt

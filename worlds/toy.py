@@ -286,9 +286,10 @@ def effective_eta(matrices, prev, cur):
 SCORED = {}  # [model dir, its files' sizes and times, the eval prompts'] -> policy_distributions
 
 
-def evaluate(model_dirs, paths, run_dir=None, sample=None, final=False):
+def evaluate(model_dirs, paths, run_dir=None, sample=None, final=False, skip=()):
     """Exact metrics of pi_0..pi_T on the held-out prompts of the world at `paths`; one row per iteration
-    (exact: nothing is sampled; sample and final, as the other worlds take them, are not used).
+    (exact: nothing is sampled; sample, final and skip, as the other worlds take them, are not used: an
+    exact evaluation costs next to nothing, and exploit_avg averages every policy).
 
     win_vs_pi0 = P(pi_t > pi_0); exploit = max_y P(y > pi_t) - 1/2 (0 at the von Neumann winner);
     exploit_avg = exploitability of (1/t) sum_{s=1..t} pi_s (Theorem 4.1's average policy);

@@ -96,6 +96,20 @@ def test_magnet_is_pi_0_in_every_iteration(tmp_path):
     assert not any("--magnet" in argv for argv in train_commands())
 
 
+def test_no_eval_every_iteration_exports_pi_0_and_the_last_policy_only(tmp_path):
+    def exported(*extra):
+        res = subprocess.run([sys.executable, "iterate.py", "--dry-run", "--run_dir", str(tmp_path / "r"), "--iterations",
+                              "3", "--eval_prompts", str(tmp_path / "eval.jsonl"), "--eval_best_of", "2", *extra],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
+        outs = [Path(line.split()[line.split().index("--out") + 1]) for line in res.stdout.splitlines()
+                if line.startswith("+ ") and "generate.py" in line]
+        return sorted(f"{out.parent.name}/{out.name}" for out in outs if out.name.startswith("eval"))
+    kinds = ("eval_best_of_2_responses.jsonl", "eval_responses.jsonl")
+    assert exported() == [f"iter{t}/{kind}" for t in range(4) for kind in kinds]
+    assert exported("--no-eval_every_iteration") == [f"iter{t}/{kind}" for t in (0, 3) for kind in kinds]
+
+
 # every choice of iterate.py, given a typo
 CHOICE_TYPOS = [("--loss_type", "sppoo"), ("--optimizer", "adam"), ("--lr_schedule", "cosine"), ("--p_mode", "pair"),
                 ("--backend", "vlm"), ("--preset", "toys"), ("--prompt_format", "chats"), ("--dtype", "fp16"),

@@ -279,3 +279,19 @@ def test_pi0_evaluation_is_made_once_and_equals_a_run_of_its_own(toy_world, tmp_
             (tmp_path / "c" / "iter0" / "eval_samples.json").read_bytes()
     strip = lambda row: json.dumps({k: v for k, v in row.items() if k != "samples"}, sort_keys=True)  # NaN as text
     assert strip(first[0]) == strip(second[0]) == strip(alone[0])
+
+
+def test_skipped_iterations_are_not_sampled_and_the_others_are_as_in_a_full_evaluation(toy_world, tmp_path):
+    # iterate.py --no-eval_every_iteration: the intermediate policies are passed in skip
+    import json
+    train, held = instruct.make_prompts(seed=0)
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (held[0], held[2])))
+    world = {"eval_prompts": tmp_path / "eval.jsonl", "model": toy_world["model"]}
+    model = str(toy_world["model"])  # pi_0, and a stand-in for pi_1 and pi_2: the rows are checked by iteration
+    settings = dict(samples=2, max_new_tokens=8)
+    ends = instruct.evaluate([model, model, model], world, tmp_path / "ends", skip={1}, **settings)
+    full = instruct.evaluate([model, model, model], world, tmp_path / "full", **settings)
+    assert [r["iteration"] for r in ends] == [0, 2] and [r["iteration"] for r in full] == [0, 1, 2]
+    assert not (tmp_path / "ends" / "iter1").exists()
+    strip = lambda row: json.dumps({k: v for k, v in row.items() if k != "samples"}, sort_keys=True)
+    assert [strip(r) for r in ends] == [strip(full[0]), strip(full[2])]
