@@ -120,10 +120,11 @@ def check_settings(args):
                               **({"eval_temperature": args.eval_temperature} if args.eval_prompts else {}))
     if args.model is None:  # a built-in world
         drawn = getattr(importlib.import_module(f"worlds.{args.preset}"), "EVAL_SAMPLES", 1)
-        if not args.eval_prompts and args.eval_best_of > drawn:
+        if not args.eval_prompts and args.eval_best_of not in (1, drawn):  # any other N would change nothing
             raise InputError(f"--eval_best_of {args.eval_best_of}: the {args.preset} world's evaluation draws "
-                             f"{drawn} sample{'s' * (drawn > 1)} per held-out prompt; give at most {drawn}, or "
-                             "--eval_prompts to draw N of each of those prompts")
+                             f"{drawn} sample{'s' * (drawn > 1)} per held-out prompt and reports the best of those "
+                             f"itself; give {'1 or ' * (drawn > 1)}{drawn}, or --eval_prompts to draw N of each of "
+                             "those prompts")
         world_dir = Path(args.world_dir or default_world_dir(args.preset, args.seed))
         if (world_dir / BUILT).exists():
             check_built(world_dir)

@@ -8,7 +8,7 @@ write, a resumed run that never mixes settings.
   Gemma-3 and SmolLM2 save them: not in the file) are not missing.
 - iterate.py and a sweep refuse, before writing anything, what would fail or go wrong later: engine
   limits, a KV cache larger than the RAM, a built-in world whose files were deleted or cut, and
-  --eval_best_of beyond the samples the world's evaluation draws.
+  --eval_best_of other than the samples the world's evaluation draws (or 1).
 - A run directory that holds anything a stage or pi_0's evaluation wrote is resumed only with the
   settings that made it (--backend included).
 """
@@ -205,13 +205,14 @@ def test_eval_best_of_beyond_the_world_samples_is_refused(tmp_path, toy_world, c
     one_error(capsys, exit_, "--eval_best_of 8", "toy world")
     assert not (tmp_path / "run").exists()
     from worlds import instruct
-    args = iterate.iterate_args(["--preset", "instruct", "--eval_best_of", str(instruct.EVAL_SAMPLES + 4),
-                                 "--world_dir", str(tmp_path / "none")])
-    with pytest.raises(SystemExit) as exit_:
-        one_line_errors(lambda: iterate.check_settings(args))
-    one_error(capsys, exit_, f"--eval_best_of {instruct.EVAL_SAMPLES + 4}", f"draws {instruct.EVAL_SAMPLES} samples")
-    iterate.check_settings(iterate.iterate_args(["--preset", "instruct", "--eval_best_of", str(instruct.EVAL_SAMPLES),
-                                                 "--world_dir", str(tmp_path / "none")]))  # the control
+    for n in (instruct.EVAL_SAMPLES + 4, instruct.EVAL_SAMPLES - 2):  # beyond the samples; fewer: it would do nothing
+        args = iterate.iterate_args(["--preset", "instruct", "--eval_best_of", str(n), "--world_dir", str(tmp_path / "none")])
+        with pytest.raises(SystemExit) as exit_:
+            one_line_errors(lambda: iterate.check_settings(args))
+        one_error(capsys, exit_, f"--eval_best_of {n}", f"draws {instruct.EVAL_SAMPLES} samples")
+    for n in (1, instruct.EVAL_SAMPLES):  # the controls: the default, and what the world reports anyway
+        iterate.check_settings(iterate.iterate_args(["--preset", "instruct", "--eval_best_of", str(n),
+                                                     "--world_dir", str(tmp_path / "none")]))
 
 
 @pytest.mark.parametrize("flags,needle", [
