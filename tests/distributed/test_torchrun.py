@@ -151,6 +151,25 @@ def test_two_processes_match_one(tiny, data):
     assert not Path(f"{two}.tmp").exists()  # the work dir and its checkpoints are gone once the model is in place
 
 
+def test_magnet_on_two_processes_matches_one(tiny):
+    """--loss_type magnet: each rank scores its share with a whole copy of pi_0 (train.magnet_pass), so
+    two processes end where one does; pi_0 is here another model than --model, so the gap is not 0."""
+    import train
+    runs = {}
+    for nproc in (1, 2):
+        out = tiny["root"] / f"magnet-{nproc}"
+        argv = [*train_args(tiny, "unequal", out), "--loss_type", "magnet", "--tau", "0.3",
+                "--magnet", trained(tiny, "equal", 1)]
+        if nproc == 1:
+            in_process(train.main, *argv)
+        else:
+            res = launch("train.py", *argv, nproc=2)
+            assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+        runs[nproc] = params(out)
+    assert max_diff(runs[1], runs[2]) < 1e-4
+    assert max_diff(runs[1], params(trained(tiny, "unequal", 1))) > 1e-3  # the magnet changed the steps
+
+
 # ---- 2. a run killed by SIGKILL resumes and ends where an uninterrupted run ends -------------------
 
 
