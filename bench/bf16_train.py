@@ -57,11 +57,11 @@ def train(model, examples, ref, steps, bf16, pad_id):
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     w = torch.ones(len(examples))
     times, losses = [], []
-    for _ in range(steps):
+    for step in range(steps):
         t0 = time.perf_counter()
         stats = accumulate_gradients(model, [(examples, ref, w)], 1.0 / len(examples), pad_id, "cpu", loss_type="sppo",
                                      eta=10.0, beta=0.1, autocast=autocast)
-        optimizer_step(model, opt, sched, grad_clip=1.0)
+        optimizer_step(model, opt, sched, grad_clip=1.0, step=step)
         times.append(time.perf_counter() - t0)
         losses.append(stats["loss"] / len(examples))
     with torch.no_grad():

@@ -19,8 +19,9 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from worlds import toy  # noqa: E402
+from machinery.flags import PRESETS  # noqa: E402
 from machinery.records import read_records, write_records  # noqa: E402
-from iterate import PRESETS, split_prompts  # noqa: E402
+from iterate import split_prompts  # noqa: E402
 
 
 def run(cmd, nproc=1):
