@@ -57,10 +57,20 @@ def small_fs(tmp_path):
         subprocess.run(["umount", "-l", str(fs)])
 
 
-# The longest files first: under `-n 2 --dist loadfile` each then overlaps the rest of the suite
-# instead of running alone at its end (the real-engine run in .venv-vllm takes minutes).
-LONGEST_FIRST = ("test_vllm_backend.py", "test_instruct_world.py", "test_stages_in_one_process.py")
+# The longest files first, in this order: under `-n 2 --dist loadfile` each then overlaps the rest of
+# the suite instead of running alone at its end (the real-engine run in .venv-vllm takes minutes).
+LONGEST_FIRST = ("test_vllm_backend.py", "test_round_two.py", "test_torchrun.py", "test_hostile_edges.py",
+                 "test_instruct_world.py", "test_stages_in_one_process.py", "test_sentiment_world.py",
+                 "test_instruct_benchmark.py")
+
+
+def pytest_configure(config):
+    # pytest-xdist hands out the files with the most tests first unless told not to (--loadscope-reorder,
+    # on by default for --dist loadfile): that would put the files above, which have few tests, last
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: the rest keep their order
+    order = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: order.get(item.path.name, len(LONGEST_FIRST)))  # stable: the rest keep their order

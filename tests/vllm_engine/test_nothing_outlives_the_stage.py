@@ -20,10 +20,9 @@ ENGINE = ["--backend", "vllm", "--kv_cache_gib", "0.25", "--enforce_eager"]
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from worlds import toy
-    world_dir = tmp_path_factory.mktemp("toy_world") / "world"
-    return world_dir, toy.build_world(world_dir, seed=0, sft_steps=40)
+def world(toy_world):
+    """(its directory, its paths): the test session's toy world (conftest.py)."""
+    return Path(toy_world["world"]).parent, toy_world
 
 
 def prompts(world, path, n):

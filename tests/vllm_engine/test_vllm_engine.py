@@ -33,17 +33,15 @@ Z = 4.0  # |z| bound of a right sampler (two-sided p ~ 6e-5 per check)
 
 
 @pytest.fixture(scope="module")
-def toy_model(tmp_path_factory):
-    """The toy world's model, its context widened to 512 (RoPE: the same network), so that the
-    engine's max_model_len is not the toy's 128."""
+def toy_model(toy_world, tmp_path_factory):
+    """The toy world's model (the test session's, conftest.py), its context widened to 512 (RoPE: the
+    same network), so that the engine's max_model_len is not the toy's 128."""
     import shutil
-    from worlds import toy
-    world = toy.build_world(tmp_path_factory.mktemp("toy_world"), seed=0, sft_steps=40)
     wide = tmp_path_factory.mktemp("toy_model") / "model"
-    shutil.copytree(world["model"], wide)
+    shutil.copytree(toy_world["model"], wide)
     config = json.loads((wide / "config.json").read_text())
     (wide / "config.json").write_text(json.dumps(dict(config, max_position_embeddings=512)))
-    return wide, Path(world["eval_prompts"])
+    return wide, Path(toy_world["eval_prompts"])
 
 
 @pytest.fixture(scope="module")
