@@ -565,7 +565,7 @@ def evaluate(model_dirs, world, run_dir, max_new_tokens=EVAL_MAX_NEW_TOKENS, sam
             write_json(cache, policy_stats(model_dir, base, eval_prompts, sample, samples, max_new_tokens, cache.parent,
                                            f"instruct-iter{t}"))
         policies[t] = json.loads(cache.read_text())
-    rows = []
+    rows = {}  # iteration -> its row
     for t, stats in policies.items():
         records, checks = stats["records"], stats["checks"]
         row = {"iteration": t, **accuracies(records, checks),
@@ -580,15 +580,15 @@ def evaluate(model_dirs, world, run_dir, max_new_tokens=EVAL_MAX_NEW_TOKENS, sam
         row["distinct_2"] = distinct_2(responses)
         row["kl_estimate"] = float(np.mean(np.array(stats["logp_pit"]) - np.array(stats["logp_pi0"])))
         row["samples"] = [(user_message(r["prompt"]), r["responses"][0]) for r in records[:2]]
-        rows.append(row)
+        rows[t] = row
     if final:  # an outside benchmark, once per run: the first policy (from the shared directory) and the last
         for t in sorted({0, len(model_dirs) - 1}):
             out = Path(shared) if t == 0 and shared is not None else Path(run_dir) / f"iter{t}"
-            rows[list(policies).index(t)]["ifbench"] = ifbench_scores(model_dirs[t], out, limit=ifbench_limit, sample=sample)
+            rows[t]["ifbench"] = ifbench_scores(model_dirs[t], out, limit=ifbench_limit, sample=sample)
             if out != Path(run_dir) / f"iter{t}":
                 for name in ("ifbench.json", "ifbench_responses.jsonl"):
                     copy_atomically(out / name, Path(run_dir) / f"iter{t}" / name)
-    return rows
+    return list(rows.values())
 
 
 def policy_stats(model_dir, base, eval_prompts, sample, samples, max_new_tokens, out_dir, generator):
